@@ -1,0 +1,147 @@
+"""Command-line entry points: thin wrappers that parse flags and call the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+def resolve_device(gpu_id: int) -> torch.device:
+    """CPU for -1, else cuda:<gpu_id>; a UserError when that GPU does not exist."""
+    if gpu_id < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available() or gpu_id >= torch.cuda.device_count():
+        raise UserError(f"--gpu_id {gpu_id} given but no such CUDA GPU is available; "
+                        "use --gpu_id -1 for the CPU")
+    return torch.device(f"cuda:{gpu_id}")
+
+
+def _run(entry, argv) -> int:
+    try:
+        return entry(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is saved, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+def train_parser() -> argparse.ArgumentParser:
+    from .data import DATASET_NAMES
+    from .models import MODEL_NAMES
+    p = argparse.ArgumentParser(prog="train.py", description="Train a CIFAR-style model from scratch.")
+    p.add_argument("--model-name", default="vgg11_bn", choices=MODEL_NAMES)
+    p.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu_id", type=int, default=-1)
+    p.add_argument("--out", default=None,
+                   help="checkpoint path (default models/<dataset>/<model>.checkpoint, "
+                        "models/<model>.checkpoint for cifar10)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _train(argv) -> int:
+    from .data import load_dataset
+    from .models import build_model
+    from .training import TrainSettings, train
+    args = train_parser().parse_args(argv)
+    device = resolve_device(args.gpu_id)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise UserError("--epochs, --batch-size and --lr must be positive")
+    dataset = load_dataset(args.dataset, args.data_dir)
+    default_out = (Path("models") / f"{args.model_name}.checkpoint" if args.dataset == "cifar10"
+                   else Path("models") / args.dataset / f"{args.model_name}.checkpoint")
+    out = Path(args.out) if args.out else default_out
+    settings = TrainSettings(args.model_name, args.dataset, args.epochs, args.batch_size, args.lr,
+                             args.momentum, args.weight_decay, not args.no_augment, args.seed)
+    model = build_model(args.model_name, dataset.num_classes)
+    result = train(model, dataset, settings, out, device,
+                   quiet=args.quiet or not sys.stderr.isatty())
+    print(f"saved {out}: test accuracy {result['test_accuracy']:.2f}%")
+    return 0
+
+
+def train_main(argv=None) -> int:
+    return _run(_train, argv)
+
+
+def main_parser() -> argparse.ArgumentParser:
+    from .data import DATASET_NAMES
+    from .fusion import FUSION_RULES
+    from .importance import CRITERIA
+    from .pruning import METHODS
+    from .transport import MARGINALS, TARGETS
+    p = argparse.ArgumentParser(
+        prog="main.py",
+        description="Compare default pruning with Intra-Fusion per group and sparsity.")
+    p.add_argument("--model-name", default="vgg11_bn", help="model architecture (e.g. vgg11_bn, resnet18)")
+    p.add_argument("--group_idxs", type=int, nargs="*", default=[1, 2, 3],
+                   help="groups to prune, counted from the output (0 = last prunable group)")
+    p.add_argument("--sparsities", type=float, nargs="*", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--importance_criteria", nargs="+", default=["l1"], metavar="CRITERION",
+                   help=f"one or more of {', '.join(CRITERIA)}")
+    p.add_argument("--source_prob", default="uniform", help=f"source marginal: {', '.join(MARGINALS)}")
+    p.add_argument("--target_prob", default="uniform", help=f"target marginal: {', '.join(MARGINALS)}")
+    p.add_argument("--p", type=float, default=1.0, help="p of the p-norm ground cost")
+    p.add_argument("--target", default="most_important", help=f"OT targets: {', '.join(TARGETS)}")
+    p.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
+    p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASET_NAMES)}")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--checkpoint", default=None,
+                   help="default models/<model>.checkpoint (cifar10), models/<dataset>/<model>.checkpoint")
+    p.add_argument("--fusion-rule", default="fork", help=f"one of {', '.join(FUSION_RULES)}")
+    p.add_argument("--methods", nargs="+", default=["default", "intra_fusion"],
+                   help=f"any of {', '.join(METHODS)}")
+    p.add_argument("--out", default=None, help="CSV path (default results/<model>_<dataset>_<criterion>.csv)")
+    return p
+
+
+def _check_choice(value, choices, what):
+    if value not in choices:
+        raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def _main(argv) -> int:
+    from .data import DATASET_NAMES
+    from .experiment import GridConfig, run_grid
+    from .fusion import FUSION_RULES
+    from .models import MODEL_NAMES
+    from .pruning import FusionSettings
+    from .transport import MARGINALS, TARGETS
+    args = main_parser().parse_args(argv)
+    _check_choice(args.model_name, MODEL_NAMES, "model name")
+    _check_choice(args.dataset, DATASET_NAMES, "dataset")
+    _check_choice(args.target, TARGETS, "target")
+    _check_choice(args.source_prob, MARGINALS, "source marginal")
+    _check_choice(args.target_prob, MARGINALS, "target marginal")
+    _check_choice(args.fusion_rule, FUSION_RULES, "fusion rule")
+    if not args.p > 0:
+        raise UserError(f"--p must be positive, got {args.p}")
+    device = resolve_device(args.gpu_id)
+    config = GridConfig(
+        model_name=args.model_name, dataset=args.dataset, data_dir=args.data_dir,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        group_idxs=tuple(args.group_idxs), sparsities=tuple(args.sparsities),
+        criteria=tuple(args.importance_criteria), methods=tuple(args.methods),
+        fusion=FusionSettings(args.target, args.source_prob, args.target_prob, args.p, args.fusion_rule),
+        device=str(device), out=Path(args.out) if args.out else None)
+    run_grid(config)
+    return 0
+
+
+def main(argv=None) -> int:
+    return _run(_main, argv)

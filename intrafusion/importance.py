@@ -1,0 +1,137 @@
+"""Channel importance of a dependency group, measured on the folded network.
+
+Magnitude, LAMP and Taylor scores come from torch-pruning's importance classes restricted to
+conv/linear layers; l_inf, random and CHIP are computed here. Criteria that need data (taylor,
+chip) measure the network in eval mode, without changing it, and cache what they measured on the
+unpruned network so that every group and sparsity of a grid reuses it.
+"""
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .fusion import FUSABLE_LAYERS, group_slots
+
+CRITERIA = ("l1", "l2", "l_inf", "taylor", "lamp", "random", "chip")
+DATA_CRITERIA = ("taylor", "chip")
+_TARGETS = [nn.modules.conv._ConvNd, nn.Linear]
+
+
+def taylor_gradients(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Mean gradient of the cross-entropy loss per parameter name, over `batches` of (x, y),
+    with the model in eval mode; the model's parameters and .grad are left untouched."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    total = [torch.zeros_like(p) for p in params]
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+        for t, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:
+                t.add_(g)
+    model.train(was_training)
+    return {n: t / max(len(batches), 1) for n, t in zip(names, total)}
+
+
+@torch.no_grad()
+def chip_norms(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Mean nuclear norm of each output channel's feature map (H×W matrix) per conv/linear
+    layer name, over the images of `batches`; for linear layers the absolute activation."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    hooks = []
+
+    def hook(name):
+        def record(_module, _inputs, out):
+            if out.dim() == 4:
+                val = torch.linalg.matrix_norm(out.float(), ord="nuc")       # (N, C)
+            elif out.dim() == 3:
+                val = out.float().abs().sum(-1)
+            else:
+                val = out.float().abs()
+            sums[name] = sums.get(name, 0) + val.sum(0)
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, FUSABLE_LAYERS):
+            hooks.append(module.register_forward_hook(hook(name)))
+    try:
+        for x, _ in batches:
+            model(x.to(device))
+            count += len(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    model.train(was_training)
+    return {n: s / max(count, 1) for n, s in sums.items()}
+
+
+def _linf(graph, group, n: int) -> torch.Tensor:
+    """Mean over the group's conv/linear rows and columns of each channel's max |weight|."""
+    slots, _ = group_slots(graph, group, n)
+    per_slot = []
+    for s in slots:
+        w = s.module.weight.detach().abs()
+        vals = w[s.index] if s.out else w[:, s.index].movedim(1, 0)
+        per_slot.append(vals.flatten(1).amax(1).float())
+    return torch.stack(per_slot).mean(0)
+
+
+class Scorer:
+    """Scores the n channels of a group with one criterion.
+
+    `batches` (a list of (x, y)) is needed by taylor and chip. Measurements on the pristine
+    (unpruned, folded) network are cached; pass `pristine=False` when the network was pruned
+    since, and they are measured again."""
+
+    def __init__(self, criterion: str, batches=None, seed: int = 0):
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if criterion in DATA_CRITERIA and not batches:
+            raise ValueError(f"criterion {criterion!r} needs calibration batches")
+        self.criterion = criterion
+        self.batches = batches
+        self.generator = torch.Generator().manual_seed(seed)
+        self._pristine_cache = None
+        self._magnitude = {
+            "l1": tp.importance.MagnitudeImportance(p=1, normalizer=None, target_types=_TARGETS),
+            "l2": tp.importance.MagnitudeImportance(p=2, normalizer=None, target_types=_TARGETS),
+            "lamp": tp.importance.LAMPImportance(p=2),
+        }
+
+    def _measure(self, model: nn.Module, pristine: bool) -> dict[str, torch.Tensor]:
+        if pristine and self._pristine_cache is not None:
+            return self._pristine_cache
+        measure = taylor_gradients if self.criterion == "taylor" else chip_norms
+        result = measure(model, self.batches)
+        if pristine:
+            self._pristine_cache = result
+        return result
+
+    def __call__(self, model: nn.Module, graph, group, n: int, pristine: bool = True) -> torch.Tensor:
+        """Scores (n,) of a full group; higher means more important."""
+        if self.criterion in self._magnitude:
+            return self._magnitude[self.criterion](group).float()
+        if self.criterion == "l_inf":
+            return _linf(graph, group, n)
+        if self.criterion == "random":
+            return torch.rand(n, generator=self.generator)
+        measured = self._measure(model, pristine)
+        if self.criterion == "taylor":
+            params = dict(model.named_parameters())
+            for name, grad in measured.items():
+                params[name].grad = grad
+            try:
+                scores = tp.importance.GroupTaylorImportance(normalizer=None, target_types=_TARGETS)(group)
+            finally:
+                for name in measured:
+                    params[name].grad = None
+            return scores.float()
+        slots, _ = group_slots(graph, group, n)
+        rows = [measured[s.name][s.index].flatten(1).mean(1) for s in slots if s.out]
+        return torch.stack(rows).mean(0).float()

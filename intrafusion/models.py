@@ -1,0 +1,134 @@
+"""CIFAR-style VGG and ResNet models.
+
+Parameter names match the authors' checkpoints (`features.N.*`/`classifier.*` for VGG,
+`conv1/bn1/layerN.M.*/linear` for ResNet), so their `models/<name>.checkpoint` files load with
+strict key checking. Inputs are 3×32×32 images.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+VGG_CONFIGS = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
+}
+
+
+class VGG(nn.Module):
+    """VGG for 32×32 inputs: conv(3×3)[/BN]/ReLU blocks with max-pooling, one Linear classifier."""
+
+    def __init__(self, config: list, num_classes: int = 10, batch_norm: bool = True):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for item in config:
+            if item == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                continue
+            layers.append(nn.Conv2d(channels, item, kernel_size=3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(item))
+            layers.append(nn.ReLU(inplace=True))
+            channels = item
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        width = self.expansion * planes
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, width, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != width:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet for 32×32 inputs: 3×3 stem without pooling, four stages, global average pool."""
+
+    def __init__(self, block: type, num_blocks: list[int], num_classes: int = 10):
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1)
+        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2)
+        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2)
+        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
+        self.linear = nn.Linear(512 * block.expansion, num_classes)
+
+    def _make_layer(self, block: type, planes: int, count: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (count - 1):
+            layers.append(block(self.in_planes, planes, s))
+            self.in_planes = planes * block.expansion
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.adaptive_avg_pool2d(out, 1)
+        return self.linear(torch.flatten(out, 1))
+
+
+_BUILDERS = {
+    "vgg11": lambda c: VGG(VGG_CONFIGS["vgg11"], c, batch_norm=False),
+    "vgg11_bn": lambda c: VGG(VGG_CONFIGS["vgg11"], c),
+    "vgg13_bn": lambda c: VGG(VGG_CONFIGS["vgg13"], c),
+    "vgg16_bn": lambda c: VGG(VGG_CONFIGS["vgg16"], c),
+    "vgg19_bn": lambda c: VGG(VGG_CONFIGS["vgg19"], c),
+    "resnet18": lambda c: ResNet(BasicBlock, [2, 2, 2, 2], c),
+    "resnet34": lambda c: ResNet(BasicBlock, [3, 4, 6, 3], c),
+    "resnet50": lambda c: ResNet(Bottleneck, [3, 4, 6, 3], c),
+}
+MODEL_NAMES = tuple(_BUILDERS)
+
+
+def build_model(name: str, num_classes: int = 10) -> nn.Module:
+    """Return a freshly initialised model `name` (one of MODEL_NAMES) with `num_classes` outputs."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model name {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return _BUILDERS[name](num_classes)

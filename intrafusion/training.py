@@ -1,0 +1,123 @@
+"""Training from scratch with SGD + one-cycle schedule, resumable after every epoch.
+
+The resume state (model, optimizer, scheduler, RNG, finished epochs) is written atomically to
+`<checkpoint>.state` after each epoch (and every `save_every` steps), so an interrupted run
+continues where it stopped; the final checkpoint has the authors' format
+`{"model_state_dict", "test_accuracy", "epoch"}` plus `"settings"`. `test_accuracy` is a
+percentage, as in the authors' checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .data import Dataset, train_batches
+from .errors import UserError
+from .evaluation import accuracy
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    model_name: str
+    dataset: str
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True
+    seed: int = 0
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, checkpoint: Path,
+          device: torch.device = torch.device("cpu"), save_every: int = 100,
+          quiet: bool = False) -> dict:
+    """Train `model` on `dataset`, resuming from `<checkpoint>.state` if present; return the
+    final checkpoint dict (also written to `checkpoint`)."""
+    checkpoint = Path(checkpoint)
+    state_path = checkpoint.with_name(checkpoint.name + ".state")
+    torch.manual_seed(settings.seed)
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay, nesterov=True)
+    steps_per_epoch = -(-len(dataset.train_labels) // settings.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=settings.lr, epochs=settings.epochs, steps_per_epoch=steps_per_epoch)
+    generator = torch.Generator().manual_seed(settings.seed)
+    epoch, step_in_epoch, history = 0, 0, []
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        if state["settings"] != dataclasses.asdict(settings):
+            raise UserError(f"{state_path} was written with other training settings; delete it "
+                            "or train with the same settings to resume")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        epoch, step_in_epoch, history = state["epoch"], state["step"], state["history"]
+    test_x, test_y = dataset.test_tensors()
+    loss_fn = nn.CrossEntropyLoss()
+
+    def save_state(epoch_generator_state):
+        atomic_save({"settings": dataclasses.asdict(settings), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "generator": epoch_generator_state, "epoch": epoch, "step": step_in_epoch,
+                     "history": history}, state_path)
+
+    while epoch < settings.epochs:
+        start = time.time()
+        epoch_state = generator.get_state()  # the epoch's shuffle is replayed on resume
+        model.train()
+        batches = train_batches(dataset, settings.batch_size, generator, settings.augment)
+        total_loss, seen = 0.0, 0
+        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, disable=quiet, leave=False,
+                   desc=f"epoch {epoch + 1}/{settings.epochs}")
+        for i, (x, y) in enumerate(batches):
+            if i < step_in_epoch:
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += float(loss.detach()) * len(y)
+            seen += len(y)
+            step_in_epoch = i + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+            if save_every and step_in_epoch % save_every == 0 and step_in_epoch < steps_per_epoch:
+                save_state(epoch_state)
+        bar.close()
+        acc = accuracy(model, test_x, test_y)
+        history.append({"epoch": epoch + 1, "loss": total_loss / max(seen, 1),
+                        "test_accuracy": 100 * acc, "seconds": time.time() - start})
+        epoch, step_in_epoch = epoch + 1, 0
+        save_state(generator.get_state())
+        line = (f"epoch {epoch}/{settings.epochs}  loss {history[-1]['loss']:.4f}  "
+                f"test accuracy {100 * acc:.2f}%  {history[-1]['seconds']:.0f}s")
+        tqdm.write(line) if not quiet else print(line, flush=True)
+    result = {"model_state_dict": model.state_dict(), "test_accuracy": history[-1]["test_accuracy"],
+              "epoch": settings.epochs, "settings": dataclasses.asdict(settings),
+              "history": history}
+    atomic_save(result, checkpoint)
+    return result

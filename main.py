@@ -1,0 +1,5 @@
+"""Compare default pruning with Intra-Fusion: `python main.py --help`."""
+from intrafusion.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""Small models and generated data shared by the tests."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def randomize_batchnorms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every BN non-trivial statistics and affine parameters, so folding is exercised."""
+    g = generator or torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+class TinyVGG(nn.Module):
+    """conv-BN-ReLU ×3 with pooling and a linear head: 3 groups (2, 1, 0 from the input)."""
+
+    def __init__(self, widths=(8, 12, 16), num_classes=10, bn=True, bias=True):
+        super().__init__()
+        layers, c = [], 3
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=bias)]
+            layers += [nn.BatchNorm2d(w)] if bn else []
+            layers += [nn.ReLU(), nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c * 4, num_classes)  # 16×16 input, 3 pools: 2×2 map
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def write_cifar(root: Path, n_train: int = 40, n_test: int = 20, classes: int = 10, seed: int = 0,
+                name: str = "cifar10") -> Path:
+    """Write CIFAR python-pickle batches in the exact format of the real archives."""
+    rng = np.random.default_rng(seed)
+    if name == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        splits = {f"data_batch_{i}": n_train // 5 for i in range(1, 6)} | {"test_batch": n_test}
+        key = b"labels"
+    else:
+        folder = root / "cifar-100-python"
+        splits = {"train": n_train, "test": n_test}
+        key = b"fine_labels"
+    folder.mkdir(parents=True, exist_ok=True)
+    for fname, count in splits.items():
+        entry = {b"batch_label": fname.encode(), key: rng.integers(0, classes, count).tolist(),
+                 b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 b"filenames": [f"img{i}.png".encode() for i in range(count)]}
+        with open(folder / fname, "wb") as f:
+            pickle.dump(entry, f)
+    return folder
+
+
+class TinyResNet(nn.Module):
+    """Stem + two residual blocks (identity, then strided with a 1×1 shortcut) + linear head."""
+
+    def __init__(self, width=8, num_classes=10, bn=True):
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if bn else (lambda c: nn.Identity())
+        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, padding=1, bias=not bn), norm(width)
+        self.a1, self.abn1 = nn.Conv2d(width, width, 3, padding=1, bias=not bn), norm(width)
+        self.a2, self.abn2 = nn.Conv2d(width, width, 3, padding=1, bias=not bn), norm(width)
+        self.b1, self.bbn1 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=not bn), norm(2 * width)
+        self.b2, self.bbn2 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=not bn), norm(2 * width)
+        self.short = nn.Sequential(nn.Conv2d(width, 2 * width, 1, stride=2, bias=not bn), norm(2 * width))
+        self.linear = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(out + self.abn2(self.a2(torch.relu(self.abn1(self.a1(out))))))
+        out = torch.relu(self.short(out) + self.bbn2(self.b2(torch.relu(self.bbn1(self.b1(out))))))
+        return self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from helpers import TinyResNet, TinyVGG, randomize_batchnorms
+from intrafusion.importance import CRITERIA, Scorer
+from intrafusion.pruning import Pruner, kept_count
+
+
+def make_pruner(make=TinyVGG, seed=0):
+    torch.manual_seed(seed)
+    model = randomize_batchnorms(make())
+    return Pruner(model, torch.randn(1, 3, 16, 16))
+
+
+def batches(count=2, size=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 16, 16, generator=g), torch.randint(0, 10, (size,), generator=g))
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("make", [TinyVGG, TinyResNet])
+def test_every_criterion_scores_every_channel(criterion, make):
+    pruner = make_pruner(make)
+    scorer = Scorer(criterion, batches())
+    for index in range(len(pruner.groups)):
+        group, n = pruner.full_group(index)
+        scores = scorer(pruner.model, pruner.graph, group, n)
+        assert scores.shape == (n,)
+        assert torch.isfinite(scores).all()
+
+
+def test_l1_is_mean_of_row_and_column_l1_norms():
+    pruner = make_pruner()
+    group, n = pruner.full_group(1)          # features.4 -> features.8
+    out, consumer = pruner.model.features[4], pruner.model.features[8]
+    expected = (out.weight.detach().abs().flatten(1).sum(1)
+                + consumer.weight.detach().abs().transpose(0, 1).flatten(1).sum(1)) / 2
+    torch.testing.assert_close(Scorer("l1")(pruner.model, pruner.graph, group, n), expected)
+
+
+def test_l_inf_is_mean_of_row_and_column_max():
+    pruner = make_pruner()
+    group, n = pruner.full_group(1)
+    out, consumer = pruner.model.features[4], pruner.model.features[8]
+    expected = (out.weight.detach().abs().flatten(1).amax(1)
+                + consumer.weight.detach().abs().transpose(0, 1).flatten(1).amax(1)) / 2
+    torch.testing.assert_close(Scorer("l_inf")(pruner.model, pruner.graph, group, n), expected)
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "chip"])
+def test_data_criteria_do_not_change_the_model(criterion):
+    pruner = make_pruner(TinyResNet)
+    pruner.model.train()
+    before = {k: v.clone() for k, v in pruner.model.state_dict().items()}
+    group, n = pruner.full_group(0)
+    Scorer(criterion, batches())(pruner.model, pruner.graph, group, n)
+    assert pruner.model.training
+    for k, v in pruner.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in pruner.model.parameters())
+
+
+def test_taylor_matches_weight_times_gradient():
+    pruner = make_pruner()
+    data = batches(1)
+    group, n = pruner.full_group(0)         # features.8 -> classifier
+    model = pruner.model.eval()
+    loss = torch.nn.functional.cross_entropy(model(data[0][0]), data[0][1])
+    loss.backward()
+    conv, lin = model.features[8], model.classifier
+    row = (conv.weight * conv.weight.grad).abs().flatten(1).sum(1)
+    col = (lin.weight * lin.weight.grad).abs().view(10, n, 4).transpose(0, 1).flatten(1).sum(1)
+    model.zero_grad(set_to_none=True)
+    got = Scorer("taylor", data)(model, pruner.graph, group, n)
+    torch.testing.assert_close(got, ((row + col) / 2).detach(), rtol=1e-4, atol=1e-7)
+
+
+def test_pristine_measurements_are_cached_and_remeasured_after_pruning():
+    pruner = make_pruner()
+    scorer = Scorer("chip", batches())
+    group, n = pruner.full_group(0)
+    first = scorer(pruner.model, pruner.graph, group, n)
+    cached = scorer._pristine_cache
+    scorer(pruner.model, pruner.graph, group, n)
+    assert scorer._pristine_cache is cached
+    variant = pruner.copy()
+    variant.prune_group(1, 0.5, "default", scorer)
+    group, n = variant.full_group(0)
+    again = scorer(variant.model, variant.graph, group, n, pristine=variant.pristine)
+    assert scorer._pristine_cache is cached and again.shape == first.shape
+
+
+def test_kept_count_and_lowest_scores_pruned():
+    assert [kept_count(512, s) for s in (0.0, 0.3, 0.5, 0.7)] == [512, 358, 256, 153]
+    assert kept_count(10, 0.95) == 0
+    pruner = make_pruner()
+    group, n = pruner.full_group(2)
+    scores = Scorer("l1")(pruner.model, pruner.graph, group, n)
+    expected_keep = torch.sort(torch.argsort(scores, descending=True)[:kept_count(n, 0.5)]).values
+    kept_rows = pruner.model.features[0].weight.detach()[expected_keep].clone()
+    pruner.prune_group(2, 0.5, "default", Scorer("l1"))
+    torch.testing.assert_close(pruner.model.features[0].weight.detach(), kept_rows)
