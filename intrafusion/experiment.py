@@ -5,8 +5,6 @@ on the whole test set; each result is appended to the CSV as soon as it is known
 """
 from __future__ import annotations
 
-import csv
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +15,11 @@ from .checkpoints import default_checkpoint, ensure_unzipped, file_digest, load_
 from .data import Dataset, load_dataset
 from .errors import UserError
 from .evaluation import accuracy
+from .prefix import GridEvaluator
 from .importance import CRITERIA, DATA_CRITERIA, Scorer
 from .models import build_model
 from .pruning import METHODS, FusionSettings, Pruner, kept_count
-
-CSV_COLUMNS = ["model", "dataset", "criterion", "group", "sparsity", "method", "accuracy", "params",
-               "prune_seconds", "fusion_rule", "target", "source_prob", "target_prob", "p",
-               "checkpoint_sha256"]
-
+from .results import CsvLog
 
 @dataclass
 class GridConfig:
@@ -41,6 +36,7 @@ class GridConfig:
     calibration_batches: int = 5
     batch_size: int = 128
     out: Path | None = None
+    fast: bool = True
 
     def output_path(self, criterion: str) -> Path:
         if self.out is not None:
@@ -61,31 +57,6 @@ def calibration_batches(dataset: Dataset, count: int, batch_size: int, seed: int
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-class CsvLog:
-    """Appends rows to a CSV, each flushed and fsynced at once, so a crash loses no finished row."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
-        self.file = open(self.path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if fresh:
-            self.writer.writeheader()
-            self._sync()
-
-    def _sync(self):
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def write(self, row: dict) -> None:
-        self.writer.writerow(row)
-        self._sync()
-
-    def close(self):
-        self.file.close()
 
 
 def validate(config: GridConfig) -> None:
@@ -140,6 +111,7 @@ def run_grid(config: GridConfig, log=print) -> dict[str, list[dict]]:
     """Run every criterion × group × sparsity × method cell; return the rows per output file."""
     dataset, base, base_accuracy, digest = prepare(config)
     test_x, test_y = dataset.test_tensors()
+    evaluator = GridEvaluator(base, test_x, test_y, fast=config.fast)
     fusion = config.fusion
     common = dict(model=config.model_name, dataset=config.dataset, fusion_rule=fusion.rule,
                   target=fusion.target, source_prob=fusion.source_prob,
@@ -168,7 +140,7 @@ def run_grid(config: GridConfig, log=print) -> dict[str, list[dict]]:
                     start = time.perf_counter()
                     variant.prune([group], sparsity, method, scorer, fusion)
                     seconds = time.perf_counter() - start
-                    acc = accuracy(variant.model, test_x, test_y)
+                    acc = evaluator.accuracy(variant, [group])
                     row = dict(common, criterion=criterion, group=group, sparsity=sparsity,
                                method=method, accuracy=acc, params=count_params(variant.model),
                                prune_seconds=round(seconds, 4))

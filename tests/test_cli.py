@@ -8,7 +8,7 @@ import torch
 
 from helpers import randomize_batchnorms, write_cifar
 from intrafusion.cli import main
-from intrafusion.experiment import CSV_COLUMNS
+from intrafusion.results import CSV_COLUMNS
 from intrafusion.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
