@@ -86,16 +86,17 @@ class Scorer:
     """Scores the n channels of a group with one criterion.
 
     `batches` (a list of (x, y)) is needed by taylor and chip. Measurements on the pristine
-    (unpruned, folded) network are cached; pass `pristine=False` when the network was pruned
-    since, and they are measured again."""
+    (unpruned, folded) network are cached unless `cache=False`; pass `pristine=False` when the
+    network was pruned since, and they are measured again."""
 
-    def __init__(self, criterion: str, batches=None, seed: int = 0):
+    def __init__(self, criterion: str, batches=None, seed: int = 0, cache: bool = True):
         if criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
         if criterion in DATA_CRITERIA and not batches:
             raise ValueError(f"criterion {criterion!r} needs calibration batches")
         self.criterion = criterion
         self.batches = batches
+        self.cache = cache
         self.generator = torch.Generator().manual_seed(seed)
         self._pristine_cache = None
         self._magnitude = {
@@ -109,7 +110,7 @@ class Scorer:
             return self._pristine_cache
         measure = taylor_gradients if self.criterion == "taylor" else chip_norms
         result = measure(model, self.batches)
-        if pristine:
+        if pristine and self.cache:
             self._pristine_cache = result
         return result
 

@@ -1,17 +1,129 @@
-"""Evaluation of pruned variants for a grid (fast path: cached unpruned prefixes)."""
+"""Evaluation of pruned variants that reuses the unpruned prefix of the network.
+
+Pruning a group changes only some layers; everything before the first changed layer computes the
+same activations as in the unpruned network. The network is split into a chain of segments whose
+composition is its forward pass (VGG: each `features` module, then the classifier; ResNet: stem,
+each residual block, then the head). The test-set activations entering a segment are computed
+once from the unpruned network and cached (within a memory budget), and each variant runs only
+from its first changed segment on. Batches are the same as in a full forward pass, so the
+accuracies are identical to the last image. Models that cannot be split use the full forward.
+"""
 from __future__ import annotations
 
-import torch
+from collections import OrderedDict
+from typing import Callable
 
-from .evaluation import accuracy
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .evaluation import count_correct
+from .models import VGG, ResNet
+
+Segment = tuple[tuple[str, ...], Callable[[nn.Module, torch.Tensor], torch.Tensor]]
+
+
+def _module_step(name: str) -> Callable:
+    return lambda model, x: model.get_submodule(name)(x)
+
+
+def model_segments(model: nn.Module) -> list[Segment] | None:
+    """The chain of (module names, fn(model, x)) whose composition is model(x), or None."""
+    if isinstance(model, VGG):
+        segs: list[Segment] = [((f"features.{i}",), _module_step(f"features.{i}"))
+                               for i in range(len(model.features))]
+        segs.append((("classifier",), lambda m, x: m.classifier(torch.flatten(x, 1))))
+        return segs
+    if isinstance(model, ResNet):
+        segs = [(("conv1", "bn1"), lambda m, x: F.relu(m.bn1(m.conv1(x))))]
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            for i in range(len(model.get_submodule(stage))):
+                segs.append(((f"{stage}.{i}",), _module_step(f"{stage}.{i}")))
+        segs.append((("linear",), lambda m, x: m.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))))
+        return segs
+    return None
+
+
+def _state_of(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
+    return [(f"{n}.{k}", v) for n in names for k, v in model.get_submodule(n).state_dict().items()]
+
+
+def first_changed_segment(base: nn.Module, variant: nn.Module, segments: list[Segment]) -> int:
+    """Index of the first segment whose parameters or buffers differ between the two models."""
+    for i, (names, _) in enumerate(segments):
+        for (_, a), (_, b) in zip(_state_of(base, names), _state_of(variant, names)):
+            if a.shape != b.shape or not torch.equal(a, b):
+                return i
+    return len(segments) - 1
 
 
 class GridEvaluator:
-    """Accuracy of pruned copies of `base` on the test tensors (N, 3, H, W), (N,)."""
+    """Accuracy of pruned copies of `base` (a Pruner) on test tensors (N, 3, H, W), (N,).
 
-    def __init__(self, base, images: torch.Tensor, labels: torch.Tensor, fast: bool = True):
+    fast=False evaluates every variant with a full forward pass. `cache_mb` bounds the memory of
+    cached prefix activations; a prefix that does not fit is not cached (full forward instead)."""
+
+    def __init__(self, base, images: torch.Tensor, labels: torch.Tensor, fast: bool = True,
+                 cache_mb: float = 2048, batch_size: int = 1000):
         self.base, self.images, self.labels, self.fast = base, images, labels, fast
+        self.batch_size, self.budget = batch_size, cache_mb * 2 ** 20
+        self.device = next(base.model.parameters()).device
+        self.segments = model_segments(base.model) if fast else None
+        self.cache: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
+        self.stats = {"full": 0, "suffix": 0, "prefix_computed": 0}
+        if self.segments is not None and not self._chain_matches():
+            self.segments = None
 
-    def accuracy(self, variant, groups) -> float:
-        """Test accuracy of `variant` (a pruned copy of base) whose `groups` were pruned."""
-        return accuracy(variant.model, self.images, self.labels)
+    def _run(self, model: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for _, fn in self.segments[start:stop]:
+            x = fn(model, x)
+        return x
+
+    def _batches(self):
+        for s in range(0, len(self.labels), self.batch_size):
+            yield (self.images[s:s + self.batch_size].to(self.device),
+                   self.labels[s:s + self.batch_size].to(self.device))
+
+    @torch.inference_mode()
+    def _chain_matches(self) -> bool:
+        model = self.base.model.eval()
+        x = self.images[:2].to(self.device)
+        return torch.equal(self._run(model, x, 0, len(self.segments)), model(x))
+
+    def _cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for acts in self.cache.values() for t in acts)
+
+    @torch.inference_mode()
+    def _prefix(self, index: int) -> list[torch.Tensor] | None:
+        """Activations entering segment `index` for every test batch, from the unpruned model."""
+        if index in self.cache:
+            self.cache.move_to_end(index)
+            return self.cache[index]
+        model = self.base.model.eval()
+        probe = self._run(model, self.images[:1].to(self.device), 0, index)
+        need = probe.numel() * probe.element_size() * len(self.labels)
+        if need > self.budget:
+            return None
+        while self.cache and self._cache_bytes() + need > self.budget:
+            self.cache.popitem(last=False)
+        acts = [self._run(model, x, 0, index) for x, _ in self._batches()]
+        self.cache[index] = acts
+        self.stats["prefix_computed"] += 1
+        return acts
+
+    def accuracy(self, variant, groups=None) -> float:
+        """Test accuracy of `variant` (a pruned copy of base); `groups` is informational."""
+        model = variant.model.eval()
+        if self.segments is not None:
+            start = first_changed_segment(self.base.model, model, self.segments)
+            acts = self._prefix(start) if start > 0 else None
+            if acts is not None:
+                correct = 0
+                with torch.inference_mode():
+                    for a, (_, y) in zip(acts, self._batches()):
+                        out = self._run(model, a, start, len(self.segments))
+                        correct += int((out.argmax(1) == y).sum())
+                self.stats["suffix"] += 1
+                return correct / max(len(self.labels), 1)
+        self.stats["full"] += 1
+        return count_correct(model, self.images, self.labels, self.batch_size) / max(len(self.labels), 1)
