@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -26,9 +27,13 @@ def ensure_unzipped(path: Path, archive: Path = MODELS_ZIP) -> None:
     if path.exists() or not archive.is_file():
         return
     member = path.as_posix()
-    with zipfile.ZipFile(archive) as zf:
-        if member in zf.namelist():
-            zf.extract(member, ".")
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            if member in zf.namelist():
+                zf.extract(member, ".")
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"cannot extract {member} from {archive} ({exc}); fetch {archive} again "
+                        "or pass --checkpoint") from None
 
 
 def file_digest(path: Path) -> str:
@@ -40,21 +45,41 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _unreadable(exc: Exception) -> str:
+    """Why torch.load failed, in words a person can act on."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a file saved by torch.save, or it holds objects other than tensors"
+    if isinstance(exc, EOFError):
+        return "the file is empty or truncated"
+    if isinstance(exc, (RuntimeError, zipfile.BadZipFile)) and "zip" in str(exc).lower():
+        return "the file is truncated or corrupted"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def load_tensors(path: Path, hint: str):
+    """torch.load(path, weights_only=True) onto the CPU, without warnings; a UserError ending in
+    `hint` when the file cannot be read that way."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile,
+            AttributeError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not a readable checkpoint ({_unreadable(exc)}); {hint}") from None
+
+
 def read_checkpoint(path: Path) -> dict:
     """Load a checkpoint dict with weights_only=True; UserError if it is not a checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: train one with train.py or pass --checkpoint")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile,
-            AttributeError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
+    hint = "pass a checkpoint written by train.py or the authors' models/<name>.checkpoint"
+    data = load_tensors(path, hint)
     if not isinstance(data, dict) or "model_state_dict" not in data:
-        raise UserError(f"{path} is not a checkpoint: expected a dict with 'model_state_dict'")
+        raise UserError(f"{path} is not a checkpoint: expected a dict with 'model_state_dict'; {hint}")
     if not isinstance(data["model_state_dict"], dict):
-        raise UserError(f"{path} is not a checkpoint: 'model_state_dict' is not a state dict")
+        raise UserError(f"{path} is not a checkpoint: 'model_state_dict' is not a state dict; {hint}")
     return data
 
 
@@ -65,6 +90,9 @@ def load_weights(model: nn.Module, state: dict, source: Path | str) -> None:
         if key not in state:
             raise UserError(f"{source} does not match the model: key {key!r} missing "
                             "(wrong architecture?)")
+        if not isinstance(state[key], torch.Tensor):
+            raise UserError(f"{source} does not match the model: key {key!r} is a "
+                            f"{type(state[key]).__name__}, not a tensor")
         if tuple(state[key].shape) != tuple(expected[key].shape):
             raise UserError(f"{source} does not match the model: key {key!r} has shape "
                             f"{tuple(state[key].shape)}, expected {tuple(expected[key].shape)} "

@@ -20,11 +20,18 @@ def resolve_device(gpu_id: int) -> torch.device:
     return torch.device(f"cuda:{gpu_id}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are UserErrors: one line, exit code 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def _run(entry, argv) -> int:
     try:
         return entry(argv)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished work is saved, rerun the same command to resume",
@@ -35,7 +42,7 @@ def _run(entry, argv) -> int:
 def train_parser() -> argparse.ArgumentParser:
     from .data import DATASET_NAMES
     from .models import MODEL_NAMES
-    p = argparse.ArgumentParser(prog="train.py", description="Train a CIFAR-style model from scratch.")
+    p = _Parser(prog="train.py", description="Train a CIFAR-style model from scratch.")
     p.add_argument("--model-name", default="vgg11_bn", choices=MODEL_NAMES)
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES)
     p.add_argument("--data-dir", default="data")
@@ -50,7 +57,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="checkpoint path (default models/<dataset>/<model>.checkpoint, "
                         "models/<model>.checkpoint for cifar10)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -85,7 +92,7 @@ def main_parser() -> argparse.ArgumentParser:
     from .importance import CRITERIA
     from .pruning import METHODS
     from .transport import MARGINALS, TARGETS
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="main.py",
         description="Compare default pruning with Intra-Fusion per group and sparsity.")
     p.add_argument("--model-name", default="vgg11_bn", help="model architecture (e.g. vgg11_bn, resnet18)")
@@ -107,30 +114,20 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["default", "intra_fusion"],
                    help=f"any of {', '.join(METHODS)}")
     p.add_argument("--out", default=None, help="CSV path (default results/<model>_<dataset>_<criterion>.csv)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip cells already in the CSV (default: on when it exists with this "
+                        "version's columns); --no-resume refuses a CSV that holds rows")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the CSV over, even when its rows were computed with other settings")
+    p.add_argument("--plot", action="store_true", help="draw the CSV into a PNG beside it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def _check_choice(value, choices, what):
-    if value not in choices:
-        raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}")
-
-
 def _main(argv) -> int:
-    from .data import DATASET_NAMES
     from .experiment import GridConfig, run_grid
-    from .fusion import FUSION_RULES
-    from .models import MODEL_NAMES
     from .pruning import FusionSettings
-    from .transport import MARGINALS, TARGETS
     args = main_parser().parse_args(argv)
-    _check_choice(args.model_name, MODEL_NAMES, "model name")
-    _check_choice(args.dataset, DATASET_NAMES, "dataset")
-    _check_choice(args.target, TARGETS, "target")
-    _check_choice(args.source_prob, MARGINALS, "source marginal")
-    _check_choice(args.target_prob, MARGINALS, "target marginal")
-    _check_choice(args.fusion_rule, FUSION_RULES, "fusion rule")
-    if not args.p > 0:
-        raise UserError(f"--p must be positive, got {args.p}")
     device = resolve_device(args.gpu_id)
     config = GridConfig(
         model_name=args.model_name, dataset=args.dataset, data_dir=args.data_dir,
@@ -138,10 +135,37 @@ def _main(argv) -> int:
         group_idxs=tuple(args.group_idxs), sparsities=tuple(args.sparsities),
         criteria=tuple(args.importance_criteria), methods=tuple(args.methods),
         fusion=FusionSettings(args.target, args.source_prob, args.target_prob, args.p, args.fusion_rule),
-        device=str(device), out=Path(args.out) if args.out else None)
-    run_grid(config)
+        device=str(device), out=Path(args.out) if args.out else None, resume=args.resume,
+        overwrite=args.overwrite)
+    results = run_grid(config, progress=not args.quiet and sys.stderr.isatty())
+    if args.plot:
+        from .plotting import plot_results
+        for path in results:
+            print(f"wrote {plot_results(path)}")
     return 0
 
 
 def main(argv=None) -> int:
     return _run(_main, argv)
+
+
+def package_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m intrafusion", description="Tools for Intra-Fusion result files.")
+    commands = p.add_subparsers(dest="command", required=True)
+    plot = commands.add_parser("plot", help="draw a results CSV into a PNG",
+                               description="Accuracy against sparsity per group and method.")
+    plot.add_argument("csv", help="a CSV written by main.py")
+    plot.add_argument("--out", default=None, help="PNG path (default: the CSV's path with .png)")
+    return p
+
+
+def _package(argv) -> int:
+    from .plotting import plot_results
+    args = package_parser().parse_args(argv)
+    print(f"wrote {plot_results(args.csv, args.out)}")
+    return 0
+
+
+def package_main(argv=None) -> int:
+    """`python -m intrafusion plot results/x.csv`."""
+    return _run(_package, argv)

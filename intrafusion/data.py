@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import pickle
 import shutil
 import tarfile
@@ -137,14 +138,18 @@ def _load_cifar(name: str, root: Path, download: bool) -> Dataset:
                                 f"or {archive.name} in {root}/")
             try:
                 _download(spec["url"], archive)
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:
                 raise UserError(f"{name} not found and download failed ({exc}): put the files "
                                 f"from {spec['url']} in {root}/ (unpacked to {folder}/)") from None
         if _md5(archive) != spec["md5"]:
             raise UserError(f"corrupt dataset file {archive}: md5 checksum mismatch; delete it "
                             f"and download {spec['url']} again")
-        with tarfile.open(archive) as tar:
-            tar.extractall(root, filter="data")
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(root, filter="data")
+        except (OSError, tarfile.TarError) as exc:
+            raise UserError(f"could not unpack {archive} into {root} ({exc}); free some space or "
+                            f"unpack it yourself to {folder}/") from None
     train = [_read_cifar_batch(folder / f, spec["label_key"]) for f in spec["train"]]
     test = [_read_cifar_batch(folder / f, spec["label_key"]) for f in spec["test"]]
     return Dataset(name, torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]),
@@ -182,7 +187,7 @@ def _fashion_mnist_payload(stem: str, root: Path, download: bool) -> bytes:
         path = candidates[0]
         try:
             _download(_FMNIST_URL + f"{stem}.gz", path)
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise UserError(f"fashion-mnist file {stem}.gz not found and download failed ({exc}):"
                             f" put it in {root}/ or run `apt-get install dataset-fashion-mnist`"
                             ) from None

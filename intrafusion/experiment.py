@@ -1,25 +1,34 @@
 """The paper's experiment grid: default pruning vs Intra-Fusion per group, sparsity and criterion.
 
 Every cell prunes a fresh copy of the folded network (the graph is traced once) and evaluates it
-on the whole test set; each result is appended to the CSV as soon as it is known.
+on the whole test set; each result is appended to the CSV as soon as it is known. A rerun
+continues the CSV: cells already in it are skipped, as long as they were computed with the same
+checkpoint, data and fusion settings.
 """
 from __future__ import annotations
 
 import time
+import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .checkpoints import default_checkpoint, ensure_unzipped, file_digest, load_weights, read_checkpoint
-from .data import Dataset, load_dataset
+from .data import DATASET_NAMES, Dataset, load_dataset
 from .errors import UserError
 from .evaluation import accuracy
+from .fusion import FUSION_RULES
 from .prefix import GridEvaluator
 from .importance import CRITERIA, DATA_CRITERIA, Scorer
-from .models import build_model
+from .models import MODEL_NAMES, build_model
 from .pruning import METHODS, FusionSettings, Pruner, kept_count
-from .results import CsvLog
+from .report import summary_table
+from .results import CsvLog, cell_key, previous_rows
+from .storage import check_writable
+from .transport import MARGINALS, TARGETS
 
 @dataclass
 class GridConfig:
@@ -37,6 +46,8 @@ class GridConfig:
     batch_size: int = 128
     out: Path | None = None
     fast: bool = True
+    resume: bool | None = None  # None: continue the output CSV when it exists and matches
+    overwrite: bool = False     # start the output CSV over, whatever it holds
 
     def output_path(self, criterion: str) -> Path:
         if self.out is not None:
@@ -59,8 +70,21 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _check_choice(value, choices, what: str) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
 def validate(config: GridConfig) -> None:
     """Reject settings that cannot work before anything is loaded or written."""
+    _check_choice(config.model_name, MODEL_NAMES, "model name")
+    _check_choice(config.dataset, DATASET_NAMES, "dataset")
+    _check_choice(config.fusion.target, TARGETS, "target")
+    _check_choice(config.fusion.source_prob, MARGINALS, "source marginal")
+    _check_choice(config.fusion.target_prob, MARGINALS, "target marginal")
+    _check_choice(config.fusion.rule, FUSION_RULES, "fusion rule")
+    if not config.fusion.p > 0:
+        raise UserError(f"p must be positive, got {config.fusion.p}")
     if not config.group_idxs:
         raise UserError("no group given: pass at least one index to --group_idxs")
     if not config.sparsities:
@@ -69,28 +93,27 @@ def validate(config: GridConfig) -> None:
         if not 0 <= s < 1:
             raise UserError(f"sparsity {s} outside [0, 1): pass values like 0.3 0.5")
     for c in config.criteria:
-        if c not in CRITERIA:
-            raise UserError(f"unknown criterion {c!r}; choose one of {', '.join(CRITERIA)}")
+        _check_choice(c, CRITERIA, "criterion")
     for m in config.methods:
-        if m not in METHODS:
-            raise UserError(f"unknown method {m!r}; choose one of {', '.join(METHODS)}")
+        _check_choice(m, METHODS, "method")
 
 
-def prepare(config: GridConfig) -> tuple[Dataset, Pruner, float, str]:
-    """Load data and checkpoint; return the dataset, the folded base pruner, the unpruned test
-    accuracy and the checkpoint's sha256."""
-    validate(config)
-    try:
-        model = build_model(config.model_name)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+def open_checkpoint(config: GridConfig) -> tuple[dict, str]:
+    """The configured checkpoint's contents and its sha256."""
     path = config.checkpoint_path()
     ensure_unzipped(path)
-    state = read_checkpoint(path)
+    return read_checkpoint(path), file_digest(path)
+
+
+def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
+            ) -> tuple[Dataset, Pruner, float, str]:
+    """Load data and checkpoint (or use `checkpoint` from open_checkpoint); return the dataset,
+    the folded base pruner, the unpruned test accuracy and the checkpoint's sha256."""
+    validate(config)
+    state, digest = checkpoint or open_checkpoint(config)
     dataset = load_dataset(config.dataset, config.data_dir)
-    if dataset.num_classes != 10:
-        model = build_model(config.model_name, dataset.num_classes)
-    load_weights(model, state["model_state_dict"], path)
+    model = build_model(config.model_name, dataset.num_classes)
+    load_weights(model, state["model_state_dict"], config.checkpoint_path())
     device = torch.device(config.device)
     model.to(device).eval()
     test_x, test_y = dataset.test_tensors()
@@ -104,50 +127,101 @@ def prepare(config: GridConfig) -> tuple[Dataset, Pruner, float, str]:
         for s in config.sparsities:
             if kept_count(n, s) < 1:
                 raise UserError(f"sparsity {s} would leave group {index} ({n} channels) with no channel")
-    return dataset, pruner, base_accuracy, file_digest(path)
+    return dataset, pruner, base_accuracy, digest
 
 
-def run_grid(config: GridConfig, log=print) -> dict[str, list[dict]]:
-    """Run every criterion × group × sparsity × method cell; return the rows per output file."""
-    dataset, base, base_accuracy, digest = prepare(config)
+def comparable_settings(config: GridConfig, digest: str) -> dict:
+    """What every row of a CSV must share to be comparable (results.COMPARABLE)."""
+    f = config.fusion
+    return dict(model=config.model_name, dataset=config.dataset, checkpoint_sha256=digest,
+                fusion_rule=f.rule, target=f.target, source_prob=f.source_prob,
+                target_prob=f.target_prob, p=f.p)
+
+
+def _unique(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def _cell_seed(group: int, sparsity: float) -> int:
+    """Seed of the random criterion for a cell: both methods, and a resumed run, draw the same."""
+    return zlib.crc32(f"{group}:{sparsity!r}".encode())
+
+
+def _prune_cell(base: Pruner, evaluator: GridEvaluator, scorer: Scorer, config: GridConfig,
+                common: dict, cell: tuple) -> dict:
+    """Prune a fresh copy of `base` for cell (criterion, group, sparsity, method); its CSV row."""
+    criterion, group, sparsity, method = cell
+    variant = base.copy()
+    scorer.generator.manual_seed(_cell_seed(group, sparsity))
+    start = time.perf_counter()
+    variant.prune([group], sparsity, method, scorer, config.fusion)
+    seconds = time.perf_counter() - start
+    acc = evaluator.accuracy(variant, [group])
+    return dict(common, criterion=criterion, group=group, sparsity=sparsity, method=method,
+                accuracy=acc, params=count_params(variant.model), prune_seconds=round(seconds, 4))
+
+
+def run_grid(config: GridConfig, log=tqdm.write, progress: bool = False) -> dict[str, list[dict]]:
+    """Run every criterion × group × sparsity × method cell not yet in its output CSV; return
+    the grid's rows (earlier and new) per output file. `progress` shows a bar on stderr."""
+    validate(config)
+    paths = {c: config.output_path(c) for c in _unique(config.criteria)}
+    for path in set(paths.values()):
+        check_writable(path)
+    checkpoint = open_checkpoint(config)
+    common = comparable_settings(config, checkpoint[1])
+    previous = {path: previous_rows(path, common, config.resume, config.overwrite)
+                for path in _unique(paths.values())}
+    done = {cell_key(r): r for rows in previous.values() for r in rows}
+    dataset, base, base_accuracy, _ = prepare(config, checkpoint)
     test_x, test_y = dataset.test_tensors()
     evaluator = GridEvaluator(base, test_x, test_y, fast=config.fast)
-    fusion = config.fusion
-    common = dict(model=config.model_name, dataset=config.dataset, fusion_rule=fusion.rule,
-                  target=fusion.target, source_prob=fusion.source_prob,
-                  target_prob=fusion.target_prob, p=fusion.p, checkpoint_sha256=digest)
+    groups, sparsities, methods = (_unique(config.group_idxs), _unique(config.sparsities),
+                                   _unique(config.methods))
+    cells = [(c, g, s, m) for c in paths for g in groups for s in sparsities for m in methods]
+    finished = sum(cell in done for cell in cells)
     log(f"{config.model_name} on {config.dataset}: unpruned accuracy {100 * base_accuracy:.2f}%, "
-        f"{len(base.groups)} groups")
-    results: dict[str, list[dict]] = {}
+        f"{len(base.groups)} groups" + (f"; resuming, {finished} of {len(cells)} cells done"
+                                        if finished else ""))
+    results: dict[str, list[dict]] = {str(p): [] for p in previous}
     batches = None
-    for criterion in config.criteria:
-        if criterion in DATA_CRITERIA and batches is None:
-            batches = calibration_batches(dataset, config.calibration_batches, config.batch_size)
-            batches = [(x.to(config.device), y.to(config.device)) for x, y in batches]
-        scorer = Scorer(criterion, batches)
-        out = config.output_path(criterion)
-        csv_log = CsvLog(out)
-        rows = results.setdefault(str(out), [])
-        row = dict(common, criterion=criterion, group=-1, sparsity=0.0, method="none",
-                   accuracy=base_accuracy, params=count_params(base.model), prune_seconds=0.0)
-        csv_log.write(row)
-        rows.append(row)
-        for group in config.group_idxs:
-            for sparsity in config.sparsities:
-                line = []
-                for method in config.methods:
-                    variant = base.copy()
-                    start = time.perf_counter()
-                    variant.prune([group], sparsity, method, scorer, fusion)
-                    seconds = time.perf_counter() - start
-                    acc = evaluator.accuracy(variant, [group])
-                    row = dict(common, criterion=criterion, group=group, sparsity=sparsity,
-                               method=method, accuracy=acc, params=count_params(variant.model),
-                               prune_seconds=round(seconds, 4))
-                    csv_log.write(row)
-                    rows.append(row)
-                    line.append(f"{method} {100 * acc:6.2f}%")
-                log(f"{criterion:6s} group {group:2d} sparsity {sparsity:.2f}: " + "  ".join(line))
-        csv_log.close()
-        log(f"wrote {out}")
+    with ExitStack() as stack:
+        logs = {p: stack.enter_context(CsvLog(p, fresh=not previous[p])) for p in previous}
+        bar = stack.enter_context(tqdm(total=len(cells), initial=finished, disable=not progress,
+                                       desc="grid", unit="cell"))
+
+        def record(row: dict) -> dict:
+            """Write a new row (a known cell keeps its earlier row); add it to the results."""
+            key = cell_key(row)
+            if key not in done:
+                logs[paths[row["criterion"]]].write(row)
+                done[key] = row
+            results[str(paths[row["criterion"]])].append(done[key])
+            return done[key]
+
+        for criterion in paths:
+            if criterion in DATA_CRITERIA and batches is None:
+                batches = calibration_batches(dataset, config.calibration_batches, config.batch_size)
+                batches = [(x.to(config.device), y.to(config.device)) for x, y in batches]
+            scorer = Scorer(criterion, batches)
+            record(dict(common, criterion=criterion, group=-1, sparsity=0.0, method="none",
+                        accuracy=base_accuracy, params=count_params(base.model), prune_seconds=0.0))
+            for group in groups:
+                for sparsity in sparsities:
+                    line = []
+                    for method in methods:
+                        cell = (criterion, group, sparsity, method)
+                        if cell in done:
+                            record(done[cell])
+                            continue
+                        row = record(_prune_cell(base, evaluator, scorer, config, common, cell))
+                        bar.update()
+                        line.append(f"{method} {100 * row['accuracy']:6.2f}%")
+                    if line:
+                        log(f"{criterion:6s} group {group:2d} sparsity {sparsity:.2f}: "
+                            + "  ".join(line))
+    for criterion, path in paths.items():
+        log(summary_table(results[str(path)], criterion))
+    for path in results:
+        log(f"wrote {path}")
     return results

@@ -9,6 +9,7 @@ percentage, as in the authors' checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import time
 from dataclasses import dataclass
@@ -18,9 +19,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .checkpoints import load_tensors
 from .data import Dataset, train_batches
 from .errors import UserError
 from .evaluation import accuracy
+from .storage import check_writable, write_failure
 
 
 @dataclass(frozen=True)
@@ -37,15 +40,35 @@ class TrainSettings:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename over `path`."""
+    """torch.save to memory, write a temporary file, fsync, then rename over `path`; a failed
+    write (disk full) leaves `path` as it was and raises UserError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        if tmp.exists():
+            tmp.unlink()
+        raise write_failure(path, exc, "rerun the same command to resume") from None
+
+
+_STATE_KEYS = {"settings", "model", "optimizer", "scheduler", "generator", "epoch", "step", "history"}
+
+
+def read_state(path: Path) -> dict:
+    """The resume state at `path` (loaded with weights_only=True); UserError if unusable."""
+    hint = "delete it to start training over"
+    state = load_tensors(path, hint)
+    if not isinstance(state, dict) or not _STATE_KEYS <= set(state):
+        raise UserError(f"{path} is not a training state of train.py; {hint}")
+    return state
 
 
 def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, checkpoint: Path,
@@ -55,6 +78,7 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, checkpoin
     final checkpoint dict (also written to `checkpoint`)."""
     checkpoint = Path(checkpoint)
     state_path = checkpoint.with_name(checkpoint.name + ".state")
+    check_writable(checkpoint)
     torch.manual_seed(settings.seed)
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
@@ -65,7 +89,7 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, checkpoin
     generator = torch.Generator().manual_seed(settings.seed)
     epoch, step_in_epoch, history = 0, 0, []
     if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = read_state(state_path)
         if state["settings"] != dataclasses.asdict(settings):
             raise UserError(f"{state_path} was written with other training settings; delete it "
                             "or train with the same settings to resume")
