@@ -121,6 +121,11 @@ def main_parser() -> argparse.ArgumentParser:
                    help="start the CSV over, even when its rows were computed with other settings")
     p.add_argument("--plot", action="store_true", help="draw the CSV into a PNG beside it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--naive", action="store_true",
+                   help="turn every shortcut off: retrace per cell, no cached gradients or "
+                        "prefix activations (for benchmarks; same results)")
+    p.add_argument("--cache-mb", type=float, default=2048,
+                   help="memory budget of cached prefix activations (MiB)")
     return p
 
 
@@ -136,7 +141,7 @@ def _main(argv) -> int:
         criteria=tuple(args.importance_criteria), methods=tuple(args.methods),
         fusion=FusionSettings(args.target, args.source_prob, args.target_prob, args.p, args.fusion_rule),
         device=str(device), out=Path(args.out) if args.out else None, resume=args.resume,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, fast=not args.naive, cache_mb=args.cache_mb)
     results = run_grid(config, progress=not args.quiet and sys.stderr.isatty())
     if args.plot:
         from .plotting import plot_results

@@ -7,11 +7,13 @@ checkpoint, data and fusion settings.
 """
 from __future__ import annotations
 
+import copy
 import time
 import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -45,7 +47,8 @@ class GridConfig:
     calibration_batches: int = 5
     batch_size: int = 128
     out: Path | None = None
-    fast: bool = True
+    fast: bool = True           # False: the naive path, every shortcut off (bench/grid_speed.py)
+    cache_mb: float = 2048      # memory budget of cached prefix activations
     resume: bool | None = None  # None: continue the output CSV when it exists and matches
     overwrite: bool = False     # start the output CSV over, whatever it holds
 
@@ -106,9 +109,10 @@ def open_checkpoint(config: GridConfig) -> tuple[dict, str]:
 
 
 def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
-            ) -> tuple[Dataset, Pruner, float, str]:
+            ) -> tuple[Dataset, Pruner, float, str, Callable[[], Pruner]]:
     """Load data and checkpoint (or use `checkpoint` from open_checkpoint); return the dataset,
-    the folded base pruner, the unpruned test accuracy and the checkpoint's sha256."""
+    the folded base pruner, the unpruned test accuracy, the checkpoint's sha256, and a function
+    that folds and traces a new base from scratch (the naive path's per-cell work)."""
     validate(config)
     state, digest = checkpoint or open_checkpoint(config)
     dataset = load_dataset(config.dataset, config.data_dir)
@@ -118,6 +122,7 @@ def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
     model.to(device).eval()
     test_x, test_y = dataset.test_tensors()
     base_accuracy = accuracy(model, test_x, test_y)
+    original = copy.deepcopy(model)
     pruner = Pruner(model, test_x[:1].to(device), dataset.num_classes)
     for index in config.group_idxs:
         if not 0 <= index < len(pruner.groups):
@@ -127,7 +132,8 @@ def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
         for s in config.sparsities:
             if kept_count(n, s) < 1:
                 raise UserError(f"sparsity {s} would leave group {index} ({n} channels) with no channel")
-    return dataset, pruner, base_accuracy, digest
+    rebuild = lambda: Pruner(copy.deepcopy(original), test_x[:1].to(device), dataset.num_classes)  # noqa: E731
+    return dataset, pruner, base_accuracy, digest, rebuild
 
 
 def comparable_settings(config: GridConfig, digest: str) -> dict:
@@ -147,11 +153,11 @@ def _cell_seed(group: int, sparsity: float) -> int:
     return zlib.crc32(f"{group}:{sparsity!r}".encode())
 
 
-def _prune_cell(base: Pruner, evaluator: GridEvaluator, scorer: Scorer, config: GridConfig,
-                common: dict, cell: tuple) -> dict:
-    """Prune a fresh copy of `base` for cell (criterion, group, sparsity, method); its CSV row."""
+def _prune_cell(new_variant: Callable[[], Pruner], evaluator: GridEvaluator, scorer: Scorer,
+                config: GridConfig, common: dict, cell: tuple) -> dict:
+    """Prune a `new_variant()` for cell (criterion, group, sparsity, method); its CSV row."""
     criterion, group, sparsity, method = cell
-    variant = base.copy()
+    variant = new_variant()
     scorer.generator.manual_seed(_cell_seed(group, sparsity))
     start = time.perf_counter()
     variant.prune([group], sparsity, method, scorer, config.fusion)
@@ -173,9 +179,10 @@ def run_grid(config: GridConfig, log=tqdm.write, progress: bool = False) -> dict
     previous = {path: previous_rows(path, common, config.resume, config.overwrite)
                 for path in _unique(paths.values())}
     done = {cell_key(r): r for rows in previous.values() for r in rows}
-    dataset, base, base_accuracy, _ = prepare(config, checkpoint)
+    dataset, base, base_accuracy, _, rebuild = prepare(config, checkpoint)
+    new_variant = base.copy if config.fast else rebuild
     test_x, test_y = dataset.test_tensors()
-    evaluator = GridEvaluator(base, test_x, test_y, fast=config.fast)
+    evaluator = GridEvaluator(base, test_x, test_y, fast=config.fast, cache_mb=config.cache_mb)
     groups, sparsities, methods = (_unique(config.group_idxs), _unique(config.sparsities),
                                    _unique(config.methods))
     cells = [(c, g, s, m) for c in paths for g in groups for s in sparsities for m in methods]
@@ -203,7 +210,7 @@ def run_grid(config: GridConfig, log=tqdm.write, progress: bool = False) -> dict
             if criterion in DATA_CRITERIA and batches is None:
                 batches = calibration_batches(dataset, config.calibration_batches, config.batch_size)
                 batches = [(x.to(config.device), y.to(config.device)) for x, y in batches]
-            scorer = Scorer(criterion, batches)
+            scorer = Scorer(criterion, batches, cache=config.fast)
             record(dict(common, criterion=criterion, group=-1, sparsity=0.0, method="none",
                         accuracy=base_accuracy, params=count_params(base.model), prune_seconds=0.0))
             for group in groups:
@@ -214,7 +221,7 @@ def run_grid(config: GridConfig, log=tqdm.write, progress: bool = False) -> dict
                         if cell in done:
                             record(done[cell])
                             continue
-                        row = record(_prune_cell(base, evaluator, scorer, config, common, cell))
+                        row = record(_prune_cell(new_variant, evaluator, scorer, config, common, cell))
                         bar.update()
                         line.append(f"{method} {100 * row['accuracy']:6.2f}%")
                     if line:

@@ -5,7 +5,6 @@ Pure functions over tensors. Shapes: n channels in the group, k remaining, d fea
 from __future__ import annotations
 
 import numpy as np
-import ot
 import torch
 
 TARGETS = ("most_important", "cluster_centroid")
@@ -71,6 +70,8 @@ def transport_map(features: torch.Tensor, keep: torch.Tensor, scores: torch.Tens
         target_scores = weights
     a = _marginal(source_prob, scores, n)
     b = _marginal(target_prob, target_scores, k)
+    import ot  # imported here: it loads scikit-learn, seconds that runs without fusion don't need
+
     cost = torch.cdist(x.float(), targets.float(), p=p).double().cpu().numpy()
     plan = ot.emd(a, b, cost)
     plan = torch.as_tensor(plan, dtype=torch.float64).T  # (k, n)

@@ -94,3 +94,23 @@ def test_taylor_gradients_are_measured_once_per_model_unless_disabled(monkeypatc
             for s in (0.3, 0.5):
                 base.copy().prune_group(group, s, "default", scorer)
         assert len(calls) == expected
+
+
+def test_naive_and_fast_grids_write_the_same_accuracies(tmp_path):
+    import csv
+    from helpers import write_cifar
+    from intrafusion.cli import main
+    write_cifar(tmp_path / "data", n_train=20, n_test=40)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "vgg.checkpoint"
+    torch.save({"model_state_dict": randomize_batchnorms(build_model("vgg11_bn")).state_dict(),
+                "test_accuracy": 10.0, "epoch": 1}, ckpt)
+    accs = {}
+    for flag in ([], ["--naive"]):
+        out = tmp_path / f"r{len(flag)}.csv"
+        assert main(["--model-name", "vgg11_bn", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                     "--checkpoint", str(ckpt), "--group_idxs", "1", "3", "--sparsities", "0.5",
+                     "--importance_criteria", "taylor", "--out", str(out), "--quiet"] + flag) == 0
+        with open(out, newline="") as f:
+            accs[bool(flag)] = [(r["group"], r["method"], r["accuracy"]) for r in csv.DictReader(f)]
+    assert len(accs[False]) == 5 and accs[False] == accs[True]
