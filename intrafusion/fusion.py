@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-FUSION_RULES = ("fork", "mean")
+FUSION_RULES = ("fork", "mean", "varfix")
 FUSABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
@@ -47,7 +47,7 @@ def group_slots(graph, group, n: int) -> tuple[list[Slot], list[str]]:
         if not isinstance(module, nn.Module) or not any(p.numel() for p in module.parameters(recurse=False)):
             continue
         if not isinstance(module, FUSABLE_LAYERS):
-            continue  # normalization layers are identities after folding: pruned, not fused
+            continue  # pruned by index, not fused: folded BNs, and see index_pruned_layers
         index = _index_matrix(item.idxs, item.root_idxs, n)
         grouped = isinstance(module, nn.modules.conv._ConvNd) and (module.groups != 1 or module.transposed)
         if index is None or grouped:
@@ -55,6 +55,36 @@ def group_slots(graph, group, n: int) -> tuple[list[Slot], list[str]]:
             continue
         slots.append(Slot(name, module, graph.is_out_channel_pruning_fn(item.dep.handler), index))
     return slots, unfusable
+
+
+def is_identity_batchnorm(module: nn.Module) -> bool:
+    """Whether `module` is a BN whose statistics and affine map were folded away (it computes
+    the identity, see folding.py), so pruning it by index loses nothing."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_mean is None:
+        return False
+    identity = [(module.running_mean, 0.0), (module.running_var, 1.0 - module.eps)]
+    if module.affine:
+        identity += [(module.weight, 1.0), (module.bias, 0.0)]
+    return all(torch.allclose(t.detach(), torch.full_like(t, v), rtol=0, atol=1e-6) for t, v in identity)
+
+
+def index_pruned_layers(graph, group) -> list[str]:
+    """Names of the group's layers with per-channel parameters that fusion leaves alone:
+    neither conv/linear nor folded-away BN (LayerNorm, a BN that could not be folded, PReLU, …).
+    Their pruned positions are simply removed, while the group's conv/linear layers are fused."""
+    names = []
+    for item in group:
+        module = item.dep.target.module
+        if not isinstance(module, nn.Module) or isinstance(module, FUSABLE_LAYERS):
+            continue
+        stateful = (any(p.numel() for p in module.parameters(recurse=False))
+                    or isinstance(module, nn.modules.batchnorm._BatchNorm))
+        if not stateful or is_identity_batchnorm(module):
+            continue
+        name = graph._module2name.get(module, type(module).__name__)
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def channel_features(slots: list[Slot]) -> torch.Tensor:
@@ -69,17 +99,47 @@ def channel_features(slots: list[Slot]) -> torch.Tensor:
     return torch.cat([p.to(torch.float32) for p in parts], dim=1)
 
 
-def fusion_maps(T: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+def shrinkage(a: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """v (k,): variance factor of each fused channel, v_j = Σ_ii' a_ji a_ji' ρ_ii' = (a R aᵀ)_jj.
+
+    a: (k, n) averaging weights (rows summing to one); features: (n, d) channel feature vectors;
+    R = cosine-similarity Gram matrix of the feature rows (positive semidefinite, so v ≥ 0)."""
+    unit = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    R = unit @ unit.T
+    return torch.einsum("jn,nm,jm->j", a, R, a)
+
+
+def fusion_maps(T: torch.Tensor, rule: str, features: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A_out, A_in), both (k, n), for transport map T (k, n) whose columns sum to one.
 
     fork: T on both sides, as the authors do. mean: rows of A_out sum to one, so a fused channel
     is a weighted average of the channels mapped to it, and A_in = T adds their contributions —
-    exact when the channels mapped together are identical."""
+    exact when the channels mapped together are identical.
+
+    varfix (needs `features`, (n, d)): the mean rule with each fused row rescaled to undo the
+    variance lost by averaging. Let a = T normalized per row and z_i the output of channel i
+    (weights and bias of the layer, BN folded in). The fused channel is z'_j = Σ_i a_ji z_i. If
+    the channels have about equal variance σ² and correlations ρ_ii',
+        Var z'_j = Σ_ii' a_ji a_ji' Cov(z_i, z_i') = σ² Σ_ii' a_ji a_ji' ρ_ii' = σ² v_j,
+    so v_j ≤ 1 (equality only when the averaged channels are perfectly correlated) and the next
+    layer sees a weaker signal. Without data, ρ_ii' is estimated by the cosine similarity of the
+    channels' group feature vectors (the ones the OT cost compares): for white inputs x and
+    z_i = w_i·x the correlation is exactly cos(w_i, w_i'). A_out = diag(1/√v) a restores
+    variance σ² (v clamped at 1e-6); weights and bias are scaled alike, so the channel's mean grows
+    by 1/√v too (without data the two cannot be separated). A_in = T, as in mean. At sparsity 0,
+    T is the identity, v = 1 and nothing changes."""
     if rule == "fork":
         return T, T
+    if rule not in ("mean", "varfix"):
+        raise ValueError(f"unknown fusion rule {rule!r}; choose one of {', '.join(FUSION_RULES)}")
+    a = T / T.sum(dim=1, keepdim=True).clamp_min(1e-12)
     if rule == "mean":
-        return T / T.sum(dim=1, keepdim=True).clamp_min(1e-12), T
-    raise ValueError(f"unknown fusion rule {rule!r}; choose one of {', '.join(FUSION_RULES)}")
+        return a, T
+    if features is None:
+        raise ValueError("the varfix rule needs the channel features")
+    v = shrinkage(a, features.to(a)).clamp_min(1e-6)
+    return a / v.sqrt()[:, None], T
 
 
 @torch.no_grad()

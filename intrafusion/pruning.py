@@ -1,12 +1,19 @@
 """Numbered dependency groups and a pruner that removes or fuses their channels.
 
 Groups are numbered like the paper: walk the conv/linear layers in reverse definition order,
-skip the final classifier, and give each new group (identified by the set of layers whose
-out-channels it prunes) the next number; group 0 is the last prunable group.
+skip the final classifier (and any other layer of fixed width), and give each new group
+(identified by the set of layers whose out-channels it prunes) the next number; group 0 is the
+last prunable group.
+
+Layers that Intra-Fusion cannot fuse are reported once per Pruner and its copies (one warning per
+layer type and reason): a group with a grouped/depthwise convolution is pruned the default way; a
+group with LayerNorm (or another per-channel layer that is not a folded BN) is fused in its
+conv/linear layers while that layer's parameters are pruned by index.
 """
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +21,8 @@ import torch_pruning as tp
 from torch import nn
 
 from .folding import fold_all_batchnorms
-from .fusion import FUSABLE_LAYERS, channel_features, fuse_slots, fusion_maps, group_slots
+from .fusion import (FUSABLE_LAYERS, channel_features, fuse_slots, fusion_maps, group_slots,
+                     index_pruned_layers)
 from .importance import Scorer
 from .transport import transport_map
 
@@ -48,6 +56,7 @@ class PruneRecord:
     kept: int
     fused: bool
     unfusable: list = field(default_factory=list)
+    index_pruned: list = field(default_factory=list)
 
 
 def kept_count(n: int, sparsity: float) -> int:
@@ -71,8 +80,9 @@ def find_classifier(model: nn.Module, num_classes: int | None = None) -> nn.Modu
     return matching[-1]
 
 
-def number_groups(model: nn.Module, graph, classifier: nn.Module) -> list[GroupInfo]:
-    """The model's prunable groups in paper order (see module docstring)."""
+def number_groups(model: nn.Module, graph, classifier: nn.Module, fixed=()) -> list[GroupInfo]:
+    """The model's prunable groups in paper order (see module docstring); groups that would
+    prune the out-channels of the classifier or of a `fixed` module are left out."""
     names = {m: n for n, m in model.named_modules()}
     groups, seen = [], set()
     layers = [m for m in model.modules() if isinstance(m, FUSABLE_LAYERS) and m is not classifier]
@@ -81,7 +91,7 @@ def number_groups(model: nn.Module, graph, classifier: nn.Module) -> list[GroupI
         group = graph.get_pruning_group(module, fn, list(range(_out_channels(module))))
         outs = {item.dep.target.module for item in group
                 if graph.is_out_channel_pruning_fn(item.dep.handler)}
-        if classifier in outs:
+        if classifier in outs or any(m in outs for m in fixed):
             continue
         key = tuple(sorted(names[m] for m in outs if isinstance(m, FUSABLE_LAYERS)))
         if key in seen:
@@ -91,26 +101,50 @@ def number_groups(model: nn.Module, graph, classifier: nn.Module) -> list[GroupI
     return groups
 
 
+def _unfusable_reason(module: nn.Module | None) -> str:
+    if isinstance(module, nn.modules.conv._ConvNd) and (module.groups != 1 or module.transposed):
+        return "grouped, depthwise or transposed convolution"
+    return "irregular channel map"
+
+
+def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
+    """(MACs, parameters) of `model` for `example_input` (e.g. one image, (1, 3, H, W)), counted by
+    torch-pruning's op counter (multiply-accumulates of conv/linear, plus its element-wise ops)."""
+    macs, params = tp.utils.count_ops_and_params(model, example_input)
+    return int(macs), int(params)
+
+
 class Pruner:
     """A folded copy of a network with its dependency graph and numbered groups.
 
     The model passed in is modified in place (BN folded); `copy()` gives an independent pruner
-    whose model can be pruned without retracing the graph."""
+    whose model can be pruned without retracing the graph. `fixed_layers` names layers whose
+    out-channels must keep their width (like the classifier); `customized_pruners` maps module
+    types to torch-pruning pruners (see architectures.pruner_options).
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, num_classes: int | None = None):
+    channel_map[name] holds, for every conv/linear layer, the original index of each of its
+    current out-channels (used by repair to compare with the unpruned network)."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, num_classes: int | None = None,
+                 fixed_layers=(), customized_pruners=None):
         self.model = model.eval()
-        self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
+                                                            customized_pruners=customized_pruners)
         self.folded = fold_all_batchnorms(self.graph)
         self.classifier = find_classifier(model, num_classes)
-        self.groups = number_groups(model, self.graph, self.classifier)
-        self.pristine = True
         self._modules = dict(model.named_modules())
+        fixed = [self._modules[name] for name in fixed_layers]
+        self.groups = number_groups(model, self.graph, self.classifier, fixed)
+        self.pristine = True
+        self.channel_map = {name: torch.arange(_out_channels(m)) for name, m in self._modules.items()
+                            if isinstance(m, FUSABLE_LAYERS)}
+        self.notices: set = set()  # (layer type, reason) already warned about; shared by copies
 
     def copy(self) -> "Pruner":
         """An independent deep copy (model and graph) for pruning one variant."""
         # Shared, never copied: autograd nodes from tracing and the `ops` module (not copyable),
         # and torch-pruning's pruner objects (it compares their bound methods by identity).
-        memo = {id(self.graph.ops): self.graph.ops}
+        memo = {id(self.graph.ops): self.graph.ops, id(self.notices): self.notices}
         for pruner in [*tp.pruner.function.PrunerBox.values(),
                        *self.graph.REGISTERED_PRUNERS.values(),
                        *self.graph.CUSTOMIZED_PRUNERS.values()]:
@@ -118,6 +152,23 @@ class Pruner:
         for node in self.graph.module2node.values():
             memo[id(node.grad_fn)] = node.grad_fn
         return copy.deepcopy(self, memo)
+
+    def _notice(self, name: str, reason: str) -> None:
+        """Warn once per (layer type, reason) across this pruner and its copies."""
+        kind = type(self._modules[name]).__name__ if name in self._modules else name
+        if (kind, reason) not in self.notices:
+            self.notices.add((kind, reason))
+            warnings.warn(f"intra_fusion: {kind} layers ({name}, …) {reason}", stacklevel=3)
+
+    def _track_channels(self, pruning_group) -> None:
+        """Update channel_map for the conv/linear out-channels removed by `pruning_group`."""
+        for item in pruning_group:
+            module = item.dep.target.module
+            if isinstance(module, FUSABLE_LAYERS) and self.graph.is_out_channel_pruning_fn(item.dep.handler):
+                name = self.graph._module2name[module]
+                kept = torch.ones(len(self.channel_map[name]), dtype=torch.bool)
+                kept[list(item.idxs)] = False
+                self.channel_map[name] = self.channel_map[name][kept]
 
     def check_group(self, index: int) -> GroupInfo:
         if not 0 <= index < len(self.groups):
@@ -134,7 +185,8 @@ class Pruner:
 
     def prune_group(self, index: int, sparsity: float, method: str, scorer: Scorer,
                     fusion: FusionSettings = FusionSettings()) -> PruneRecord:
-        """Prune group `index` at `sparsity` with `method` (default or intra_fusion), in place."""
+        """Prune group `index` at `sparsity` with `method` (default or intra_fusion), in place.
+        The fusion rule `varfix` gets the channel features the transport map was computed from."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if not 0 <= sparsity < 1:
@@ -152,17 +204,27 @@ class Pruner:
         if method == "intra_fusion":
             slots, unfusable = group_slots(self.graph, group, n)
             record.unfusable = unfusable
+            for name in unfusable:
+                self._notice(name, f"cannot be fused ({_unfusable_reason(self._modules.get(name))}): "
+                                   "groups containing them are pruned the default way")
             if not unfusable and slots:
+                record.index_pruned = index_pruned_layers(self.graph, group)
+                for name in record.index_pruned:
+                    self._notice(name, "are not fused: their per-channel parameters are pruned by "
+                                       "index while the group's conv/linear layers are fused")
                 target = fusion.target if k < n else "most_important"  # nothing to cluster
-                T = transport_map(channel_features(slots), keep, scores.cpu(), target,
+                features = channel_features(slots)
+                T = transport_map(features, keep, scores.cpu(), target,
                                   fusion.source_prob, fusion.target_prob, fusion.p, fusion.seed)
-                a_out, a_in = fusion_maps(T, fusion.rule)
+                a_out, a_in = fusion_maps(T, fusion.rule, features)
                 fuse_slots(slots, keep, a_out, a_in)
                 record.fused = True
         if len(pruned):
             root = self._modules[self.groups[index].root]
             fn = self.graph.get_pruner_of_module(root).prune_out_channels
-            self.graph.get_pruning_group(root, fn, pruned.tolist()).prune()
+            pruning_group = self.graph.get_pruning_group(root, fn, pruned.tolist())
+            self._track_channels(pruning_group)
+            pruning_group.prune()
             self.pristine = False
         return record
 

@@ -5,6 +5,11 @@ The resume state (model, optimizer, scheduler, RNG, finished epochs) is written 
 continues where it stopped; the final checkpoint has the authors' format
 `{"model_state_dict", "test_accuracy", "epoch"}` plus `"settings"`. `test_accuracy` is a
 percentage, as in the authors' checkpoints.
+
+`finetune` fine-tunes a pruned (BN-folded) network to measure how fast it recovers: SGD with
+momentum 0.9 and weight decay 5e-4, a cosine schedule from `lr` to 0, the same augmentation, and
+every BatchNorm kept in eval mode — their statistics were folded into the layer before (they are
+identities), and batch statistics would replace that folded function by a different one.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -145,3 +151,49 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, checkpoin
               "history": history}
     atomic_save(result, checkpoint)
     return result
+
+
+def train_mode_with_frozen_batchnorms(model: nn.Module) -> None:
+    """model.train(), except that every BatchNorm stays in eval mode (running statistics used
+    and left unchanged)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def finetune(model: nn.Module, dataset: Dataset, epochs: int, lr: float, batch_size: int = 128,
+             device: torch.device = torch.device("cpu"), seed: int = 0,
+             on_epoch: Callable[[int, nn.Module], None] | None = None,
+             max_batches: int | None = None) -> list[dict]:
+    """Fine-tune `model` in place on the training set for `epochs` epochs (at most `max_batches`
+    batches each); call on_epoch(epoch, model) after each epoch (1-based, model in eval mode) and
+    return one {"epoch", "loss", "seconds"} per epoch. The model is left in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    steps = -(-len(dataset.train_labels) // batch_size)
+    steps = min(steps, max_batches) if max_batches is not None else steps
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs * steps, 1))
+    loss_fn = nn.CrossEntropyLoss()
+    history = []
+    for epoch in range(1, epochs + 1):
+        start, total, seen = time.time(), 0.0, 0
+        train_mode_with_frozen_batchnorms(model)
+        for i, (x, y) in enumerate(train_batches(dataset, batch_size, generator)):
+            if i == steps:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach()) * len(y)
+            seen += len(y)
+        model.eval()
+        history.append({"epoch": epoch, "loss": total / max(seen, 1), "seconds": time.time() - start})
+        if on_epoch is not None:
+            on_epoch(epoch, model)
+    model.eval()
+    return history
