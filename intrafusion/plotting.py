@@ -1,5 +1,9 @@
-"""Pictures of a results CSV: per group, test accuracy against sparsity, one line per method
-(and criterion), the unpruned accuracy as a dashed line. Drawn with matplotlib's Agg canvas."""
+"""Pictures of a results CSV, drawn with matplotlib's Agg canvas.
+
+The sparsity plot: per group ("all" = whole-network pruning, last), test accuracy against sparsity,
+one line per method (and criterion), the unpruned accuracy as a dashed line. The fine-tuning plot
+(only when the CSV has "+ft" rows): per (group, sparsity), accuracy against fine-tuning epoch
+(0 = before fine-tuning), one line per method."""
 from __future__ import annotations
 
 import math
@@ -8,20 +12,45 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .errors import UserError
+from .report import FT, base_method
 from .results import read_table
 from .storage import check_writable, write_failure
 
 _NEEDED = {"criterion", "group", "sparsity", "method", "accuracy"}
-_LABELS = {"default": "default", "intra_fusion": "Intra-Fusion"}
+_LABELS = {"default": "default", "intra_fusion": "Intra-Fusion",
+           "default_repair": "default + repair", "intra_fusion_repair": "Intra-Fusion + repair",
+           "intra_fusion_varfix": "Intra-Fusion varfix",
+           "intra_fusion_varfix_repair": "Intra-Fusion varfix + repair"}
 
 
-def _series(rows: list[dict]) -> dict[tuple[str, str], dict[int, list[tuple[float, float]]]]:
-    """{(criterion, method): {group: [(sparsity, accuracy %), ...] sorted by sparsity}}."""
+def group_order(group) -> tuple:
+    """Sort key of a group: int indices ascending, then "all"."""
+    return (group == "all", 0 if group == "all" else group)
+
+
+def _group_title(group) -> str:
+    return "all groups" if group == "all" else f"group {group}"
+
+
+def _styles(rows: list[dict]) -> dict[tuple[str, str], str]:
+    """{(criterion, method): color}, the same in both pictures (a "+ft" row counts as its method)."""
+    keys = dict.fromkeys((r["criterion"], base_method(r["method"])) for r in rows
+                         if r["method"] != "none")
+    return {key: f"C{i}" for i, key in enumerate(keys)}
+
+
+def _label(criterion: str, method: str, criteria: list[str]) -> str:
+    return _LABELS.get(method, method) + (f" ({criterion})" if len(criteria) > 1 else "")
+
+
+def _series(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """{(criterion, method): {group: [(sparsity, accuracy %), ...] sorted}}, no "+ft" rows."""
     series: dict = {}
     for r in rows:
-        if r["method"] != "none":
+        if r["method"] != "none" and not r["method"].endswith(FT):
             points = series.setdefault((r["criterion"], r["method"]), {}).setdefault(r["group"], [])
             points.append((r["sparsity"], 100 * r["accuracy"]))
     for groups in series.values():
@@ -30,26 +59,72 @@ def _series(rows: list[dict]) -> dict[tuple[str, str], dict[int, list[tuple[floa
     return series
 
 
-def _title(rows: list[dict], criteria: list[str]) -> str:
+def _finetune_series(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """{(criterion, method): {(group, sparsity): [(epoch, accuracy %), ...] sorted}} for the
+    cells with "+ft" rows; epoch 0 is the method's row before fine-tuning."""
+    series: dict = {}
+    for r in rows:
+        if r["method"].endswith(FT):
+            key = (r["criterion"], base_method(r["method"]))
+            series.setdefault(key, {}).setdefault((r["group"], r["sparsity"]), []).append(
+                (r["epoch"], 100 * r["accuracy"]))
+    for r in rows:
+        cell = series.get((r["criterion"], r["method"]), {}).get((r["group"], r["sparsity"]))
+        if cell is not None:
+            cell.append((0, 100 * r["accuracy"]))
+    for cells in series.values():
+        for points in cells.values():
+            points.sort()
+    return series
+
+
+def _unpruned(rows: list[dict]) -> float | None:
+    return next((100 * r["accuracy"] for r in rows if r["method"] == "none"), None)
+
+
+def _where(rows: list[dict]) -> str:
     first = rows[0]
-    where = f"{first['model']} on {first['dataset']}, " if {"model", "dataset"} <= set(first) else ""
-    return f"{where}{', '.join(criteria)}: test accuracy after pruning one group"
+    return f"{first['model']} on {first['dataset']}, " if {"model", "dataset"} <= set(first) else ""
 
 
-def _draw_group(ax, group: int, series: dict, criteria: list[str], unpruned: float | None) -> None:
-    """One subplot: every series that has points for `group`, and the unpruned line."""
-    for color, ((criterion, method), per_group) in enumerate(series.items()):
-        if group in per_group:
-            x, y = zip(*per_group[group])
-            label = _LABELS.get(method, method) + (f" ({criterion})" if len(criteria) > 1 else "")
-            ax.plot(x, y, marker="o", color=f"C{color}", label=label)
-    ax.set_xticks(sorted({s for per_group in series.values() for s, _ in per_group.get(group, [])}))
+def _figure(count: int, sharey: bool) -> tuple[Figure, list]:
+    """A figure with `count` visible subplots, three per line (wide enough for title and legend)."""
+    cols, nrows = min(3, count), math.ceil(count / 3)
+    fig = Figure(figsize=(max(4.2 * cols, 8.0), 3.4 * nrows + 0.9), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, cols, squeeze=False, sharey=sharey)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
+def _draw_series(ax, points_of: dict, styles: dict, criteria: list[str], unpruned: float | None):
+    """Plot {(criterion, method): points} on `ax`, with the unpruned accuracy dashed."""
+    for (criterion, method), points in points_of.items():
+        x, y = zip(*points)
+        ax.plot(x, y, marker="o", color=styles[criterion, method],
+                label=_label(criterion, method, criteria))
     if unpruned is not None:
         ax.axhline(unpruned, color="0.3", linestyle="--", linewidth=1,
                    label=f"unpruned ({unpruned:.2f}%)")
-    ax.set_title(f"group {group}")
-    ax.set_xlabel("sparsity")
     ax.grid(alpha=0.3)
+
+
+def _finish(fig: Figure, axes: list, title: str) -> Figure:
+    """Accuracy labels on the left column, one legend for all subplots, the title."""
+    for ax in axes:
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("test accuracy (%)")
+    legend: dict = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    lines = math.ceil(len(legend) / (2 * min(3, len(axes))))  # about two entries per subplot
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center",
+               ncols=math.ceil(len(legend) / lines),
+               frameon=False)
+    fig.suptitle(title)
+    return fig
 
 
 def draw(rows: list[dict]) -> Figure:
@@ -57,41 +132,43 @@ def draw(rows: list[dict]) -> Figure:
     series = _series(rows)
     if not series:
         raise UserError("nothing to plot: the CSV holds no pruned cell yet")
-    groups = sorted({g for per_group in series.values() for g in per_group})
+    groups = sorted({g for per_group in series.values() for g in per_group}, key=group_order)
     criteria = list(dict.fromkeys(c for c, _ in series))
-    unpruned = next((100 * r["accuracy"] for r in rows if r["method"] == "none"), None)
-    cols, nrows = min(3, len(groups)), math.ceil(len(groups) / 3)
-    fig = Figure(figsize=(4.2 * cols, 3.4 * nrows + 0.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, cols, squeeze=False, sharey=True)
-    for ax, group in zip(axes.flat, groups):
-        _draw_group(ax, group, series, criteria, unpruned)
-    for ax in axes.flat[len(groups):]:
-        ax.set_visible(False)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("test accuracy (%)")
-    legend: dict = {}
-    for ax in axes.flat[:len(groups)]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=len(legend),
-               frameon=False)
-    fig.suptitle(_title(rows, criteria))
-    return fig
+    styles, unpruned = _styles(rows), _unpruned(rows)
+    fig, axes = _figure(len(groups), sharey=True)
+    for ax, group in zip(axes, groups):
+        _draw_series(ax, {k: per_group[group] for k, per_group in series.items() if group in per_group},
+                     styles, criteria, unpruned)
+        ax.set_xticks(sorted({s for per_group in series.values() for s, _ in per_group.get(group, [])}))
+        ax.set_title(_group_title(group))
+        ax.set_xlabel("sparsity")
+    what = ("one group or all" if "all" in groups and len(groups) > 1 else
+            "all groups" if "all" in groups else "one group")
+    return _finish(fig, axes, f"{_where(rows)}{', '.join(criteria)}: test accuracy after pruning {what}")
 
 
-def plot_results(csv_path: Path | str, png_path: Path | str | None = None) -> Path:
-    """Draw the results CSV into `png_path` (default: beside it, same name, .png); the path."""
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise UserError(f"{csv_path} not found: pass a CSV written by main.py")
-    header, rows = read_table(csv_path)
-    if header is None or not _NEEDED <= set(header):
-        raise UserError(f"{csv_path} is not a results CSV of main.py (columns "
-                        f"{', '.join(sorted(_NEEDED))} needed)")
-    png = Path(png_path) if png_path else csv_path.with_suffix(".png")
-    check_writable(png)
-    fig = draw(rows)
+def draw_finetune(rows: list[dict]) -> Figure | None:
+    """One subplot per pruned (group, sparsity) cell with "+ft" rows: accuracy against fine-tuning
+    epoch, one line per method; None when there is no "+ft" row."""
+    series = _finetune_series(rows)
+    if not series:
+        return None
+    cells = sorted({c for per_cell in series.values() for c in per_cell},
+                   key=lambda c: (group_order(c[0]), c[1]))
+    criteria = list(dict.fromkeys(c for c, _ in series))
+    styles, unpruned = _styles(rows), _unpruned(rows)
+    fig, axes = _figure(len(cells), sharey=False)
+    for ax, cell in zip(axes, cells):
+        _draw_series(ax, {k: per_cell[cell] for k, per_cell in series.items() if cell in per_cell},
+                     styles, criteria, unpruned)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{_group_title(cell[0])}, sparsity {cell[1]:.2f}")
+        ax.set_xlabel("fine-tuning epoch")
+    return _finish(fig, axes, f"{_where(rows)}{', '.join(criteria)}: test accuracy while fine-tuning")
+
+
+def _save(fig: Figure, png: Path) -> None:
+    """Write the figure atomically (a temporary file, then a rename)."""
     tmp = png.with_name(png.name + ".tmp")
     try:
         png.parent.mkdir(parents=True, exist_ok=True)
@@ -101,4 +178,30 @@ def plot_results(csv_path: Path | str, png_path: Path | str | None = None) -> Pa
         if tmp.exists():
             tmp.unlink()
         raise write_failure(png, exc, "rerun the plot command") from None
-    return png
+
+
+def plot_all(csv_path: Path | str, png_path: Path | str | None = None) -> list[Path]:
+    """Draw the results CSV into `png_path` (default: beside it, same name, .png) and, when it has
+    "+ft" rows, the fine-tuning plot into `<png stem>_finetune.png` beside that; the paths written."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path} not found: pass a CSV written by main.py")
+    header, rows = read_table(csv_path)
+    if header is None or not _NEEDED <= set(header):
+        raise UserError(f"{csv_path} is not a results CSV of main.py (columns "
+                        f"{', '.join(sorted(_NEEDED))} needed)")
+    png = Path(png_path) if png_path else csv_path.with_suffix(".png")
+    figures = {png: draw(rows)}
+    finetune = draw_finetune(rows)
+    if finetune is not None:
+        figures[png.with_name(png.stem + "_finetune.png")] = finetune
+    for path in figures:
+        check_writable(path)
+    for path, fig in figures.items():
+        _save(fig, path)
+    return list(figures)
+
+
+def plot_results(csv_path: Path | str, png_path: Path | str | None = None) -> Path:
+    """Like `plot_all`, returning the path of the sparsity plot only."""
+    return plot_all(csv_path, png_path)[0]

@@ -8,13 +8,13 @@ from matplotlib.image import imread
 from grid_env import ROOT, make_env
 from intrafusion.cli import main, package_main
 from intrafusion.errors import UserError
-from intrafusion.plotting import draw, plot_results
+from intrafusion.plotting import draw, draw_finetune, plot_all, plot_results
 from intrafusion.report import summary_table
 from intrafusion.results import CsvLog, read_table
 
 BASE = dict(model="vgg11_bn", dataset="cifar10", fusion_rule="fork", target="most_important",
             source_prob="uniform", target_prob="uniform", p=1.0, checkpoint_sha256="ab",
-            params=1, prune_seconds=0.0)
+            params=1, prune_seconds=0.0, macs=1, epoch=0)
 
 
 def grid_rows(criteria=("l1",), groups=(1, 2), sparsities=(0.3, 0.5, 0.7)):
@@ -22,12 +22,19 @@ def grid_rows(criteria=("l1",), groups=(1, 2), sparsities=(0.3, 0.5, 0.7)):
     for c in criteria:
         rows.append(dict(BASE, criterion=c, group=-1, sparsity=0.0, method="none", accuracy=0.9))
         for g in groups:
+            depth = 3 if g == "all" else g + 1
             for s in sparsities:
                 rows.append(dict(BASE, criterion=c, group=g, sparsity=s, method="default",
-                                 accuracy=0.9 - s * (g + 1) / 4))
+                                 accuracy=0.9 - s * depth / 4))
                 rows.append(dict(BASE, criterion=c, group=g, sparsity=s, method="intra_fusion",
                                  accuracy=0.9 - s / 10))
     return rows
+
+
+def finetune_rows(rows, epochs=2):
+    """`rows` and, for each pruned row, "+ft" rows with accuracy 0.8 + epoch / 100."""
+    return rows + [dict(r, method=r["method"] + "+ft", epoch=e, accuracy=0.8 + e / 100)
+                   for r in rows if r["method"] != "none" for e in range(1, epochs + 1)]
 
 
 def write_csv(path, rows):
@@ -57,6 +64,60 @@ def test_several_criteria_get_their_own_lines(tmp_path):
     labels = {line.get_label() for line in draw(rows).axes[0].get_lines()}
     assert labels == {"default (l1)", "Intra-Fusion (l1)", "default (lamp)",
                       "Intra-Fusion (lamp)", "unpruned (90.00%)"}
+
+
+def test_group_all_is_the_last_subplot_and_new_methods_have_readable_labels(tmp_path):
+    methods = ["default", "intra_fusion", "default_repair", "intra_fusion_repair",
+               "intra_fusion_varfix", "intra_fusion_varfix_repair"]
+    rows = [dict(BASE, criterion="l1", group=-1, sparsity=0.0, method="none", accuracy=0.9)]
+    rows += [dict(BASE, criterion="l1", group=g, sparsity=s, method=m, accuracy=0.5 + i / 100)
+             for g in ("all", 2, 1) for s in (0.3, 0.5) for i, m in enumerate(methods)]
+    _, rows = read_table(write_csv(tmp_path / "r.csv", rows))
+    axes = [ax for ax in draw(rows).axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["group 1", "group 2", "all groups"]
+    lines = {line.get_label(): line for line in axes[2].get_lines()}
+    assert set(lines) == {"default", "Intra-Fusion", "default + repair", "Intra-Fusion + repair",
+                          "Intra-Fusion varfix", "Intra-Fusion varfix + repair", "unpruned (90.00%)"}
+    assert list(lines["Intra-Fusion varfix"].get_ydata()) == pytest.approx([54.0, 54.0])
+
+
+def test_finetune_rows_stay_out_of_the_sparsity_plot(tmp_path):
+    plain = draw(grid_rows(groups=(1, "all")))
+    tuned = draw(finetune_rows(grid_rows(groups=(1, "all"))))
+    for ax, ax_plain in zip(tuned.axes, plain.axes):
+        assert ([(l.get_label(), list(l.get_xdata()), list(l.get_ydata())) for l in ax.get_lines()]
+                == [(l.get_label(), list(l.get_xdata()), list(l.get_ydata()))
+                    for l in ax_plain.get_lines()])
+    assert [ax.get_title() for ax in tuned.axes] == ["group 1", "all groups"]
+
+
+def test_finetune_figure_has_a_subplot_per_cell_and_starts_at_epoch_zero():
+    rows = finetune_rows(grid_rows(groups=("all", 1), sparsities=(0.3, 0.5)))
+    axes = [ax for ax in draw_finetune(rows).axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == [
+        "group 1, sparsity 0.30", "group 1, sparsity 0.50",
+        "all groups, sparsity 0.30", "all groups, sparsity 0.50"]
+    lines = {line.get_label(): line for line in axes[3].get_lines()}
+    assert set(lines) == {"default", "Intra-Fusion", "unpruned (90.00%)"}
+    assert list(lines["default"].get_xdata()) == [0, 1, 2]
+    assert list(lines["default"].get_ydata()) == pytest.approx([90 - 50 * 3 / 4, 81, 82])
+    assert lines["unpruned (90.00%)"].get_linestyle() == "--"
+    assert draw_finetune(grid_rows()) is None
+
+
+def test_plot_all_writes_the_finetune_png_only_with_finetune_rows(tmp_path):
+    plain = write_csv(tmp_path / "plain.csv", grid_rows())
+    assert plot_all(plain) == [tmp_path / "plain.png"]
+    tuned = write_csv(tmp_path / "tuned.csv", finetune_rows(grid_rows(groups=(1, "all"))))
+    pngs = [tmp_path / "tuned.png", tmp_path / "tuned_finetune.png"]
+    assert plot_all(tuned) == pngs
+    for png in [tmp_path / "plain.png"] + pngs:
+        image = imread(png)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "plain.csv", "plain.png", "tuned.csv", "tuned.png", "tuned_finetune.png"]
+    assert plot_results(tuned, tmp_path / "out" / "x.png") == tmp_path / "out" / "x.png"
+    assert (tmp_path / "out" / "x_finetune.png").is_file()
 
 
 def test_plot_command_writes_a_png_beside_the_csv(tmp_path, capsys):
