@@ -86,18 +86,24 @@ def train_main(argv=None) -> int:
     return _run(_train, argv)
 
 
+def group_index(value: str):
+    """A --group_idxs value: an int, or 'all'."""
+    return "all" if value == "all" else int(value)
+
+
 def main_parser() -> argparse.ArgumentParser:
     from .data import DATASET_NAMES
     from .fusion import FUSION_RULES
     from .importance import CRITERIA
-    from .pruning import METHODS
+    from .experiment import GRID_METHODS
     from .transport import MARGINALS, TARGETS
     p = _Parser(
         prog="main.py",
         description="Compare default pruning with Intra-Fusion per group and sparsity.")
     p.add_argument("--model-name", default="vgg11_bn", help="model architecture (e.g. vgg11_bn, resnet18)")
-    p.add_argument("--group_idxs", type=int, nargs="*", default=[1, 2, 3],
-                   help="groups to prune, counted from the output (0 = last prunable group)")
+    p.add_argument("--group_idxs", type=group_index, nargs="*", default=[1, 2, 3],
+                   help="groups to prune, each on its own, counted from the output (0 = last "
+                        "prunable group); 'all' prunes every group together")
     p.add_argument("--sparsities", type=float, nargs="*", default=[0.3, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--importance_criteria", nargs="+", default=["l1"], metavar="CRITERION",
                    help=f"one or more of {', '.join(CRITERIA)}")
@@ -112,7 +118,7 @@ def main_parser() -> argparse.ArgumentParser:
                    help="default models/<model>.checkpoint (cifar10), models/<dataset>/<model>.checkpoint")
     p.add_argument("--fusion-rule", default="fork", help=f"one of {', '.join(FUSION_RULES)}")
     p.add_argument("--methods", nargs="+", default=["default", "intra_fusion"],
-                   help=f"any of {', '.join(METHODS)}")
+                   help=f"any of {', '.join(GRID_METHODS)}")
     p.add_argument("--out", default=None, help="CSV path (default results/<model>_<dataset>_<criterion>.csv)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="skip cells already in the CSV (default: on when it exists with this "
@@ -121,6 +127,11 @@ def main_parser() -> argparse.ArgumentParser:
                    help="start the CSV over, even when its rows were computed with other settings")
     p.add_argument("--plot", action="store_true", help="draw the CSV into a PNG beside it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--repair-batches", type=int, default=10,
+                   help="unlabeled training batches (of 128) for the *_repair methods")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="fine-tune every pruned network this many epochs ('+ft' rows per epoch)")
+    p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--naive", action="store_true",
                    help="turn every shortcut off: retrace per cell, no cached gradients or "
                         "prefix activations (for benchmarks; same results)")
@@ -141,12 +152,15 @@ def _main(argv) -> int:
         criteria=tuple(args.importance_criteria), methods=tuple(args.methods),
         fusion=FusionSettings(args.target, args.source_prob, args.target_prob, args.p, args.fusion_rule),
         device=str(device), out=Path(args.out) if args.out else None, resume=args.resume,
-        overwrite=args.overwrite, fast=not args.naive, cache_mb=args.cache_mb)
+        overwrite=args.overwrite, fast=not args.naive, cache_mb=args.cache_mb,
+        repair_batches=args.repair_batches, finetune_epochs=args.finetune_epochs,
+        finetune_lr=args.finetune_lr)
     results = run_grid(config, progress=not args.quiet and sys.stderr.isatty())
     if args.plot:
-        from .plotting import plot_results
+        from .plotting import plot_all
         for path in results:
-            print(f"wrote {plot_results(path)}")
+            for png in plot_all(path):
+                print(f"wrote {png}")
     return 0
 
 
@@ -165,9 +179,10 @@ def package_parser() -> argparse.ArgumentParser:
 
 
 def _package(argv) -> int:
-    from .plotting import plot_results
+    from .plotting import plot_all
     args = package_parser().parse_args(argv)
-    print(f"wrote {plot_results(args.csv, args.out)}")
+    for png in plot_all(args.csv, args.out):
+        print(f"wrote {png}")
     return 0
 
 

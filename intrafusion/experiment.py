@@ -8,6 +8,7 @@ checkpoint, data and fusion settings.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import zlib
 from contextlib import ExitStack
@@ -26,11 +27,17 @@ from .fusion import FUSION_RULES
 from .prefix import GridEvaluator
 from .importance import CRITERIA, DATA_CRITERIA, Scorer
 from .models import MODEL_NAMES, build_model
-from .pruning import METHODS, FusionSettings, Pruner, kept_count
-from .report import summary_table
+from .training import finetune
+from .pruning import FusionSettings, Pruner, count_macs_params, kept_count
+from .repair import reference_statistics, repair_pruned
+from .report import finetune_table, summary_table
 from .results import CsvLog, cell_key, previous_rows
 from .storage import check_writable
 from .transport import MARGINALS, TARGETS
+
+GRID_METHODS = ("default", "intra_fusion", "default_repair", "intra_fusion_repair",
+                "intra_fusion_varfix", "intra_fusion_varfix_repair")
+
 
 @dataclass
 class GridConfig:
@@ -49,6 +56,9 @@ class GridConfig:
     out: Path | None = None
     fast: bool = True           # False: the naive path, every shortcut off (bench/grid_speed.py)
     cache_mb: float = 2048      # memory budget of cached prefix activations
+    repair_batches: int = 10    # unlabeled training batches for the *_repair methods
+    finetune_epochs: int = 0    # fine-tune every pruned network, one "+ft" row per epoch
+    finetune_lr: float = 0.01
     resume: bool | None = None  # None: continue the output CSV when it exists and matches
     overwrite: bool = False     # start the output CSV over, whatever it holds
 
@@ -98,7 +108,14 @@ def validate(config: GridConfig) -> None:
     for c in config.criteria:
         _check_choice(c, CRITERIA, "criterion")
     for m in config.methods:
-        _check_choice(m, METHODS, "method")
+        _check_choice(m, GRID_METHODS, "method")
+    for g in config.group_idxs:
+        if g != "all" and not isinstance(g, int):
+            raise UserError(f"group {g!r} is neither an index nor 'all'")
+    if config.repair_batches < 1 and any(m.endswith("_repair") for m in config.methods):
+        raise UserError("--repair-batches must be at least 1 for the *_repair methods")
+    if config.finetune_epochs < 0 or (config.finetune_epochs and not config.finetune_lr > 0):
+        raise UserError("--finetune-epochs must be >= 0 and --finetune-lr positive")
 
 
 def open_checkpoint(config: GridConfig) -> tuple[dict, str]:
@@ -124,16 +141,23 @@ def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
     base_accuracy = accuracy(model, test_x, test_y)
     original = copy.deepcopy(model)
     pruner = Pruner(model, test_x[:1].to(device), dataset.num_classes)
-    for index in config.group_idxs:
-        if not 0 <= index < len(pruner.groups):
-            raise UserError(f"group index {index} out of range: {config.model_name} has "
+    for g in config.group_idxs:
+        if g != "all" and not 0 <= g < len(pruner.groups):
+            raise UserError(f"group index {g} out of range: {config.model_name} has "
                             f"{len(pruner.groups)} groups (0..{len(pruner.groups) - 1})")
+    for index in group_list(pruner, config.group_idxs):
         group, n = pruner.full_group(index)
         for s in config.sparsities:
             if kept_count(n, s) < 1:
                 raise UserError(f"sparsity {s} would leave group {index} ({n} channels) with no channel")
     rebuild = lambda: Pruner(copy.deepcopy(original), test_x[:1].to(device), dataset.num_classes)  # noqa: E731
     return dataset, pruner, base_accuracy, digest, rebuild
+
+
+def group_list(pruner: Pruner, groups) -> list[int]:
+    """The group indices named by `groups` ("all" = every prunable group), in order, once each."""
+    every = range(len(pruner.groups))
+    return _unique(i for g in groups for i in (every if g == "all" else [g]))
 
 
 def comparable_settings(config: GridConfig, digest: str) -> dict:
@@ -153,18 +177,65 @@ def _cell_seed(group: int, sparsity: float) -> int:
     return zlib.crc32(f"{group}:{sparsity!r}".encode())
 
 
-def _prune_cell(new_variant: Callable[[], Pruner], evaluator: GridEvaluator, scorer: Scorer,
-                config: GridConfig, common: dict, cell: tuple) -> dict:
-    """Prune a `new_variant()` for cell (criterion, group, sparsity, method); its CSV row."""
+def method_recipe(method: str, fusion: FusionSettings) -> tuple[str, FusionSettings, bool]:
+    """A grid method as (pruning method, fusion settings, repair statistics afterwards)."""
+    repair = method.endswith("_repair")
+    name = method.removesuffix("_repair")
+    if name == "intra_fusion_varfix":
+        return "intra_fusion", dataclasses.replace(fusion, rule="varfix"), repair
+    return name, fusion, repair
+
+
+class _Context:
+    """What every cell of a run shares: the base network, data, evaluator and measurements."""
+
+    def __init__(self, config: GridConfig, dataset: Dataset, base: Pruner, new_variant, evaluator,
+                 common: dict):
+        self.config, self.dataset, self.base = config, dataset, base
+        self.new_variant, self.evaluator, self.common = new_variant, evaluator, common
+        self.example = dataset.test_tensors(limit=1)[0].to(config.device)
+        self._repair = None
+
+    def repair_batches(self):
+        """(batches, unpruned reference statistics) for the *_repair methods, measured once."""
+        if self._repair is None:
+            batches = calibration_batches(self.dataset, self.config.repair_batches,
+                                          self.config.batch_size, seed=1)
+            batches = [(x.to(self.config.device), y) for x, y in batches]
+            self._repair = (batches, reference_statistics(self.base.model, batches))
+        return self._repair
+
+    def macs(self, model) -> int:
+        return count_macs_params(model, self.example)[0]
+
+
+def _prune_cell(ctx: _Context, scorer: Scorer, cell: tuple) -> tuple[dict, Pruner]:
+    """Prune a new variant for cell (criterion, group, sparsity, method); its row and the variant."""
     criterion, group, sparsity, method = cell
-    variant = new_variant()
+    pruning, fusion, repair = method_recipe(method, ctx.config.fusion)
+    variant = ctx.new_variant()
     scorer.generator.manual_seed(_cell_seed(group, sparsity))
     start = time.perf_counter()
-    variant.prune([group], sparsity, method, scorer, config.fusion)
+    variant.prune(group_list(ctx.base, [group]), sparsity, pruning, scorer, fusion)
+    if repair:
+        batches, reference = ctx.repair_batches()
+        repair_pruned(ctx.base, variant, batches, reference)
     seconds = time.perf_counter() - start
-    acc = evaluator.accuracy(variant, [group])
-    return dict(common, criterion=criterion, group=group, sparsity=sparsity, method=method,
-                accuracy=acc, params=count_params(variant.model), prune_seconds=round(seconds, 4))
+    acc = ctx.evaluator.accuracy(variant, [group])
+    row = dict(ctx.common, criterion=criterion, group=group, sparsity=sparsity, method=method,
+               accuracy=acc, params=count_params(variant.model), prune_seconds=round(seconds, 4),
+               macs=ctx.macs(variant.model), epoch=0)
+    return row, variant
+
+
+def _finetune_rows(ctx: _Context, variant: Pruner, row: dict, record) -> None:
+    """Fine-tune the variant, recording a "+ft" row with the test accuracy after each epoch."""
+    def on_epoch(epoch: int, model) -> None:
+        record(dict(row, method=row["method"] + "+ft", epoch=epoch,
+                    accuracy=ctx.evaluator.accuracy(variant, [row["group"]])))
+
+    finetune(variant.model, ctx.dataset, ctx.config.finetune_epochs, ctx.config.finetune_lr,
+             ctx.config.batch_size, device=torch.device(ctx.config.device), on_epoch=on_epoch)
 
 
 def run_grid(config: GridConfig, log=tqdm.write, progress: bool = False) -> dict[str, list[dict]]:
@@ -186,11 +257,17 @@ def run_grid(config: GridConfig, log=tqdm.write, progress: bool = False) -> dict
     groups, sparsities, methods = (_unique(config.group_idxs), _unique(config.sparsities),
                                    _unique(config.methods))
     cells = [(c, g, s, m) for c in paths for g in groups for s in sparsities for m in methods]
-    finished = sum(cell in done for cell in cells)
+
+    def finished_cell(cell) -> bool:
+        epochs = [(cell[3], 0)] + [(cell[3] + "+ft", e) for e in range(1, config.finetune_epochs + 1)]
+        return all((*cell[:3], m, e) in done for m, e in epochs)
+
+    finished = sum(map(finished_cell, cells))
     log(f"{config.model_name} on {config.dataset}: unpruned accuracy {100 * base_accuracy:.2f}%, "
         f"{len(base.groups)} groups" + (f"; resuming, {finished} of {len(cells)} cells done"
                                         if finished else ""))
     results: dict[str, list[dict]] = {str(p): [] for p in previous}
+    ctx = _Context(config, dataset, base, new_variant, evaluator, common)
     batches = None
     with ExitStack() as stack:
         logs = {p: stack.enter_context(CsvLog(p, fresh=not previous[p])) for p in previous}
@@ -212,23 +289,32 @@ def run_grid(config: GridConfig, log=tqdm.write, progress: bool = False) -> dict
                 batches = [(x.to(config.device), y.to(config.device)) for x, y in batches]
             scorer = Scorer(criterion, batches, cache=config.fast)
             record(dict(common, criterion=criterion, group=-1, sparsity=0.0, method="none",
-                        accuracy=base_accuracy, params=count_params(base.model), prune_seconds=0.0))
+                        accuracy=base_accuracy, params=count_params(base.model), prune_seconds=0.0,
+                        macs=ctx.macs(base.model), epoch=0))
             for group in groups:
                 for sparsity in sparsities:
                     line = []
                     for method in methods:
                         cell = (criterion, group, sparsity, method)
-                        if cell in done:
-                            record(done[cell])
+                        if finished_cell(cell):
+                            for key in sorted(k for k in done if k[:3] == cell[:3]
+                                              and k[3] in (method, method + "+ft")):
+                                record(done[key])
                             continue
-                        row = record(_prune_cell(new_variant, evaluator, scorer, config, common, cell))
+                        row, variant = _prune_cell(ctx, scorer, cell)
+                        row = record(row)
+                        if config.finetune_epochs:
+                            _finetune_rows(ctx, variant, row, record)
                         bar.update()
                         line.append(f"{method} {100 * row['accuracy']:6.2f}%")
                     if line:
-                        log(f"{criterion:6s} group {group:2d} sparsity {sparsity:.2f}: "
+                        log(f"{criterion:6s} group {group!s:>2} sparsity {sparsity:.2f}: "
                             + "  ".join(line))
     for criterion, path in paths.items():
         log(summary_table(results[str(path)], criterion))
+        recovery = finetune_table(results[str(path)], criterion)
+        if recovery is not None:
+            log(recovery)
     for path in results:
         log(f"wrote {path}")
     return results

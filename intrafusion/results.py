@@ -1,7 +1,7 @@
 """Result CSVs: the column order, resuming from the rows of an earlier run, and an append-only
 writer that never leaves a half row.
 
-A row belongs to the grid cell (criterion, group, sparsity, method). A run continues a CSV only
+A row belongs to the grid cell (criterion, group, sparsity, method, fine-tuning epoch). A run continues a CSV only
 when every earlier row was computed with the same COMPARABLE settings; a row killed mid-write
 (no final newline) is ignored on reading and cut off before appending.
 """
@@ -17,17 +17,25 @@ from .storage import write_failure
 
 CSV_COLUMNS = ["model", "dataset", "criterion", "group", "sparsity", "method", "accuracy", "params",
                "prune_seconds", "fusion_rule", "target", "source_prob", "target_prob", "p",
-               "checkpoint_sha256"]
+               "checkpoint_sha256", "macs", "epoch"]
 COMPARABLE = ("model", "dataset", "checkpoint_sha256", "fusion_rule", "target", "source_prob",
               "target_prob", "p")
-_TYPES = {"group": int, "sparsity": float, "accuracy": float, "params": int,
-          "prune_seconds": float, "p": float}
+
+
+def group_value(value):
+    """A group column value: an int index, or "all" for whole-network pruning."""
+    return value if value == "all" else int(value)
+
+
+_TYPES = {"group": group_value, "sparsity": float, "accuracy": float, "params": int,
+          "prune_seconds": float, "p": float, "macs": int, "epoch": int}
 _RESUME_HINT = "rerun the same command to resume"
 
 
-def cell_key(row: dict) -> tuple[str, int, float, str]:
-    """The grid cell of a row: (criterion, group, sparsity, method)."""
-    return row["criterion"], int(row["group"]), float(row["sparsity"]), row["method"]
+def cell_key(row: dict) -> tuple:
+    """The grid cell of a row: (criterion, group, sparsity, method, fine-tuning epoch)."""
+    return (row["criterion"], group_value(row["group"]), float(row["sparsity"]), row["method"],
+            int(row.get("epoch") or 0))
 
 
 def _line(values) -> bytes:

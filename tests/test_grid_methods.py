@@ -1,0 +1,69 @@
+"""main.py with the methods beyond the paper: repair, varfix, whole-network pruning, fine-tuning."""
+import pytest
+import torch
+
+from helpers import randomize_batchnorms, write_cifar
+from intrafusion.cli import main
+from intrafusion.experiment import GridConfig, method_recipe
+from intrafusion.pruning import FusionSettings
+from intrafusion.results import read_table
+from intrafusion.models import build_model
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grid")
+    write_cifar(tmp / "data", n_train=20, n_test=30)
+    torch.manual_seed(0)
+    ckpt = tmp / "vgg.checkpoint"
+    torch.save({"model_state_dict": randomize_batchnorms(build_model("vgg11_bn")).state_dict(),
+                "test_accuracy": 10.0, "epoch": 1}, ckpt)
+    args = ["--dataset", "cifar10", "--data-dir", str(tmp / "data"), "--checkpoint", str(ckpt),
+            "--group_idxs", "1", "all", "--sparsities", "0.5", "--repair-batches", "1",
+            "--finetune-epochs", "2", "--quiet", "--out", str(tmp / "r.csv"), "--methods",
+            "default", "intra_fusion_repair", "intra_fusion_varfix"]
+    assert main(args) == 0
+    return tmp, args
+
+
+def test_rows_for_every_method_group_and_finetuning_epoch(run):
+    tmp, _ = run
+    _, rows = read_table(tmp / "r.csv")
+    cells = {(r["group"], r["method"], r["epoch"]) for r in rows}
+    methods = ("default", "intra_fusion_repair", "intra_fusion_varfix")
+    expected = {(-1, "none", 0)} | {(g, m, 0) for g in (1, "all") for m in methods}
+    expected |= {(g, m + "+ft", e) for g in (1, "all") for m in methods for e in (1, 2)}
+    assert cells == expected and len(rows) == len(expected)
+    base = next(r for r in rows if r["method"] == "none")
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1
+        if r["method"] != "none":
+            assert r["macs"] < base["macs"] and r["params"] < base["params"]
+    whole = next(r for r in rows if r["group"] == "all" and r["method"] == "default")
+    one = next(r for r in rows if r["group"] == 1 and r["method"] == "default")
+    assert whole["macs"] < one["macs"]
+
+
+def test_rerun_adds_nothing(run, capsys):
+    tmp, args = run
+    before = (tmp / "r.csv").read_bytes()
+    assert main(args) == 0
+    assert (tmp / "r.csv").read_bytes() == before
+    assert "epoch 2" in capsys.readouterr().out
+
+
+def test_method_recipes():
+    fusion = FusionSettings(rule="mean")
+    assert method_recipe("default_repair", fusion) == ("default", fusion, True)
+    assert method_recipe("intra_fusion", fusion) == ("intra_fusion", fusion, False)
+    name, varfix, repair = method_recipe("intra_fusion_varfix_repair", fusion)
+    assert (name, varfix.rule, repair) == ("intra_fusion", "varfix", True)
+
+
+def test_unknown_method_and_group_are_one_line_errors(run, capsys):
+    tmp, args = run
+    assert main(args[:-3] + ["foo"]) == 2
+    assert main(args[:args.index("--group_idxs") + 1] + ["first"] + args[args.index("--sparsities"):]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "unknown method 'foo'" in err[0] and "first" in err[1]
+    assert GridConfig().methods == ("default", "intra_fusion")
