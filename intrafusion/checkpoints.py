@@ -1,7 +1,6 @@
 """Reading and locating checkpoints in the authors' format {"model_state_dict", "test_accuracy", "epoch"}."""
 from __future__ import annotations
 
-import hashlib
 import pickle
 import warnings
 import zipfile
@@ -34,15 +33,6 @@ def ensure_unzipped(path: Path, archive: Path = MODELS_ZIP) -> None:
     except (zipfile.BadZipFile, OSError) as exc:
         raise UserError(f"cannot extract {member} from {archive} ({exc}); fetch {archive} again "
                         "or pass --checkpoint") from None
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file, to tell whether results were computed from the same checkpoint."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _unreadable(exc: Exception) -> str:

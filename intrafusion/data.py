@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .storage import file_digest
 
 DATASET_NAMES = ("cifar10", "cifar100", "fashion-mnist")
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -110,14 +111,6 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _download(url: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(target.suffix + ".part")
@@ -141,7 +134,7 @@ def _load_cifar(name: str, root: Path, download: bool) -> Dataset:
             except (OSError, http.client.HTTPException) as exc:
                 raise UserError(f"{name} not found and download failed ({exc}): put the files "
                                 f"from {spec['url']} in {root}/ (unpacked to {folder}/)") from None
-        if _md5(archive) != spec["md5"]:
+        if file_digest(archive, "md5") != spec["md5"]:
             raise UserError(f"corrupt dataset file {archive}: md5 checksum mismatch; delete it "
                             f"and download {spec['url']} again")
         try:

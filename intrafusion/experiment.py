@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .checkpoints import default_checkpoint, ensure_unzipped, file_digest, load_weights, read_checkpoint
+from .checkpoints import default_checkpoint, ensure_unzipped, load_weights, read_checkpoint
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .errors import UserError
 from .evaluation import accuracy
@@ -32,7 +32,7 @@ from .pruning import FusionSettings, Pruner, count_macs_params, kept_count
 from .repair import reference_statistics, repair_pruned
 from .report import finetune_table, summary_table
 from .results import CsvLog, cell_key, previous_rows
-from .storage import check_writable
+from .storage import check_writable, file_digest
 from .transport import MARGINALS, TARGETS
 
 GRID_METHODS = ("default", "intra_fusion", "default_repair", "intra_fusion_repair",

@@ -3,6 +3,7 @@ write (disk full, permissions) into a UserError that says what to do."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -45,3 +46,12 @@ def write_failure(path: Path | str, exc: OSError, hint: str) -> UserError:
         return UserError(f"disk full while writing {path} ({exc.strerror}): free some space, "
                          f"then {hint}")
     return UserError(f"could not write {path} ({exc.strerror or exc}): {hint}")
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in chunks (checksums of data and checkpoints)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -77,6 +77,18 @@ def read_state(path: Path) -> dict:
     return state
 
 
+def sgd_step(model: nn.Module, loss_fn, optimizer, scheduler, x: torch.Tensor, y: torch.Tensor,
+             device: torch.device) -> float:
+    """One optimizer and scheduler step on batch (x, y); the batch's mean loss."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    loss = loss_fn(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
 def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, checkpoint: Path,
           device: torch.device = torch.device("cpu"), save_every: int = 100,
           quiet: bool = False) -> dict:
@@ -124,13 +136,7 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, checkpoin
         for i, (x, y) in enumerate(batches):
             if i < step_in_epoch:
                 continue
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += float(loss.detach()) * len(y)
+            total_loss += sgd_step(model, loss_fn, optimizer, scheduler, x, y, device) * len(y)
             seen += len(y)
             step_in_epoch = i + 1
             bar.update(1)
@@ -183,13 +189,7 @@ def finetune(model: nn.Module, dataset: Dataset, epochs: int, lr: float, batch_s
         for i, (x, y) in enumerate(train_batches(dataset, batch_size, generator)):
             if i == steps:
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(y)
+            total += sgd_step(model, loss_fn, optimizer, scheduler, x, y, device) * len(y)
             seen += len(y)
         model.eval()
         history.append({"epoch": epoch, "loss": total / max(seen, 1), "seconds": time.time() - start})
