@@ -126,9 +126,9 @@ def open_checkpoint(config: GridConfig) -> tuple[dict, str]:
 
 
 def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
-            ) -> tuple[Dataset, Pruner, float, str, Callable[[], Pruner]]:
+            ) -> tuple[Dataset, tuple, Pruner, float, str, Callable[[], Pruner]]:
     """Load data and checkpoint (or use `checkpoint` from open_checkpoint); return the dataset,
-    the folded base pruner, the unpruned test accuracy, the checkpoint's sha256, and a function
+    its normalized test tensors (images, labels), the folded base pruner, the unpruned test accuracy, the checkpoint's sha256, and a function
     that folds and traces a new base from scratch (the naive path's per-cell work)."""
     validate(config)
     state, digest = checkpoint or open_checkpoint(config)
@@ -151,7 +151,7 @@ def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
             if kept_count(n, s) < 1:
                 raise UserError(f"sparsity {s} would leave group {index} ({n} channels) with no channel")
     rebuild = lambda: Pruner(copy.deepcopy(original), test_x[:1].to(device), dataset.num_classes)  # noqa: E731
-    return dataset, pruner, base_accuracy, digest, rebuild
+    return dataset, (test_x, test_y), pruner, base_accuracy, digest, rebuild
 
 
 def group_list(pruner: Pruner, groups) -> list[int]:
@@ -193,7 +193,7 @@ class _Context:
                  common: dict):
         self.config, self.dataset, self.base = config, dataset, base
         self.new_variant, self.evaluator, self.common = new_variant, evaluator, common
-        self.example = dataset.test_tensors(limit=1)[0].to(config.device)
+        self.example = evaluator.images[:1].to(config.device)
         self._repair = None
 
     def repair_batches(self):
@@ -250,9 +250,8 @@ def run_grid(config: GridConfig, log=tqdm.write, progress: bool = False) -> dict
     previous = {path: previous_rows(path, common, config.resume, config.overwrite)
                 for path in _unique(paths.values())}
     done = {cell_key(r): r for rows in previous.values() for r in rows}
-    dataset, base, base_accuracy, _, rebuild = prepare(config, checkpoint)
+    dataset, (test_x, test_y), base, base_accuracy, _, rebuild = prepare(config, checkpoint)
     new_variant = base.copy if config.fast else rebuild
-    test_x, test_y = dataset.test_tensors()
     evaluator = GridEvaluator(base, test_x, test_y, fast=config.fast, cache_mb=config.cache_mb)
     groups, sparsities, methods = (_unique(config.group_idxs), _unique(config.sparsities),
                                    _unique(config.methods))

@@ -88,11 +88,27 @@ def correct_layer(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -
     module.bias.copy_(module.bias * scale.to(w) + shift.to(w))
 
 
+def _run_hooked(model: nn.Module, layer_names, make_hook, inputs) -> None:
+    """Forward every input through `model` in eval mode with make_hook(name) hooked on each
+    named layer; hooks removed and the training flag restored afterwards."""
+    modules = dict(model.named_modules())
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    handles = [modules[n].register_forward_hook(make_hook(n)) for n in layer_names]
+    try:
+        for x in inputs:
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 @torch.no_grad()
 def layer_statistics(model: nn.Module, layer_names, batches) -> Stats:
     """{name: (mean (C,), var (C,))} in float64 of each named conv/linear layer's output per
     channel, over the batch and spatial (or token) axes of all `batches`, model in eval mode."""
-    modules = dict(model.named_modules())
     moments: dict[str, tuple] = {}
 
     def hook(name):
@@ -101,17 +117,7 @@ def layer_statistics(model: nn.Module, layer_names, batches) -> Stats:
             moments[name] = merge_moments(moments[name], new) if name in moments else new
         return record
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    handles = [modules[n].register_forward_hook(hook(n)) for n in layer_names]
-    try:
-        for x in _inputs(batches):
-            model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _run_hooked(model, layer_names, hook, _inputs(batches))
     return {n: _mean_var(*moments[n]) for n in layer_names}
 
 
@@ -164,7 +170,6 @@ def repair(model: nn.Module, reference: Stats, channel_map: dict[str, torch.Tens
     Returns each layer's (mean, var) as measured just before it was corrected.
     Concatenating keeps it to one pass; its activations for all calibration images (e.g. 10
     batches of 128) must fit in memory at once, one layer at a time."""
-    modules = dict(model.named_modules())
     measured: Stats = {}
 
     def hook(name):
@@ -182,16 +187,7 @@ def repair(model: nn.Module, reference: Stats, channel_map: dict[str, torch.Tens
             return out * scale.to(out).view(shape) + shift.to(out).view(shape)
         return correct
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    handles = [modules[n].register_forward_hook(hook(n)) for n in layer_names]
-    try:
-        model(torch.cat(_inputs(batches)).to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _run_hooked(model, layer_names, hook, [torch.cat(_inputs(batches))])
     return measured
 
 
