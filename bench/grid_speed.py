@@ -1,17 +1,25 @@
 """Fast vs naive experiment grid: wall time, ratio, ideal ratio from MACs, accuracy equality.
 
     python bench/grid_speed.py [--models vgg11_bn resnet18] [--criteria l1 taylor] [--limit N]
+                               [--record results/grid_speed.json] [--fresh]
 
 Fast path: the graph is traced once per model, every cell prunes a copy, Taylor gradients are
 measured once, and evaluation starts from cached unpruned-prefix activations. Naive path: every
 cell reloads, refolds and retraces the network, re-measures gradients and runs the whole network.
 Both run in this process on the same data; the ideal ratio counts multiply-accumulates
 (naive: every cell runs its whole network; fast: each distinct prefix once plus every suffix).
+
+A full run takes hours on a CPU, so each finished path (model, criterion, fast or naive) is
+written to `--record` at once and skipped when the same command is run again; the table is
+printed from the record. Run it on an otherwise idle machine: the two paths of a row may then
+come from different processes.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +36,7 @@ from intrafusion.importance import Scorer  # noqa: E402
 from intrafusion.models import build_model  # noqa: E402
 from intrafusion.prefix import GridEvaluator, first_changed_segment, model_segments  # noqa: E402
 from intrafusion.pruning import Pruner  # noqa: E402
+from intrafusion.storage import file_digest  # noqa: E402
 
 
 def segment_macs(model: nn.Module, segments, x: torch.Tensor) -> list[int]:
@@ -53,15 +62,16 @@ def segment_macs(model: nn.Module, segments, x: torch.Tensor) -> list[int]:
     return per_segment
 
 
-def load_model(name: str, dataset: str, num_classes: int) -> nn.Module:
+def load_model(name: str, dataset: str, num_classes: int) -> tuple[nn.Module, str]:
+    """The model with its shipped weights, and the checkpoint's digest ("untrained" if none)."""
     model = build_model(name, num_classes)
     path = default_checkpoint(name, dataset)
     ensure_unzipped(path)
-    if path.is_file():
-        load_weights(model, read_checkpoint(path)["model_state_dict"], path)
-    else:
+    if not path.is_file():
         print(f"  ({path} not found: using an untrained {name})")
-    return model.eval()
+        return model.eval(), "untrained"
+    load_weights(model, read_checkpoint(path)["model_state_dict"], path)
+    return model.eval(), file_digest(path)[:12]
 
 
 def run(model, images, labels, cells, criterion, batches, fast: bool):
@@ -95,6 +105,18 @@ def run(model, images, labels, cells, criterion, batches, fast: bool):
     return accs, macs * len(labels), evaluator.stats
 
 
+def read_record(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_record(record: dict, path: Path) -> None:
+    """Write the record atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["vgg11_bn", "resnet18"])
@@ -104,7 +126,11 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N test images")
     p.add_argument("--group_idxs", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--record", type=Path, default=Path("results/grid_speed.json"),
+                   help="finished paths are kept here and not run again")
+    p.add_argument("--fresh", action="store_true", help="ignore the record: time every path again")
     args = p.parse_args()
+    record = {} if args.fresh else read_record(args.record)
     dataset = load_dataset(args.dataset, args.data_dir)
     images, labels = dataset.test_tensors(args.limit)
     batches = calibration_batches(dataset, 5, 128)
@@ -115,19 +141,27 @@ def main() -> None:
     header = f"{'model':10s} {'crit':7s} {'naive s':>9s} {'fast s':>8s} {'ratio':>6s} {'ideal':>6s} {'% ideal':>8s}  equal"
     rows = []
     for name in args.models:
-        model = load_model(name, args.dataset, dataset.num_classes)
+        model, weights = load_model(name, args.dataset, dataset.num_classes)
         for criterion in args.criteria:
-            t = time.perf_counter()
-            fast_accs, fast_macs, stats = run(model, images, labels, cells, criterion, batches, True)
-            fast_s = time.perf_counter() - t
-            t = time.perf_counter()
-            naive_accs, naive_macs, _ = run(model, images, labels, cells, criterion, batches, False)
-            naive_s = time.perf_counter() - t
-            ratio, ideal = naive_s / fast_s, naive_macs / fast_macs
-            row = (f"{name:10s} {criterion:7s} {naive_s:9.1f} {fast_s:8.1f} {ratio:6.2f} {ideal:6.2f} "
-                   f"{100 * ratio / ideal:7.0f}%  {fast_accs == naive_accs}")
+            timed = {}
+            for path in ("fast", "naive"):
+                key = "/".join(map(str, (name, weights, criterion, path, len(labels), torch.get_num_threads(),
+                                         args.group_idxs, args.sparsities)))
+                if key not in record:
+                    t = time.perf_counter()
+                    accs, macs, stats = run(model, images, labels, cells, criterion, batches,
+                                            path == "fast")
+                    record[key] = {"seconds": time.perf_counter() - t, "accuracies": accs,
+                                   "macs": macs, "stats": stats, "finished": time.ctime()}
+                    write_record(record, args.record)
+                timed[path] = record[key]
+            fast, naive = timed["fast"], timed["naive"]
+            ratio, ideal = naive["seconds"] / fast["seconds"], naive["macs"] / fast["macs"]
+            row = (f"{name:10s} {criterion:7s} {naive['seconds']:9.1f} {fast['seconds']:8.1f} "
+                   f"{ratio:6.2f} {ideal:6.2f} {100 * ratio / ideal:7.0f}%  "
+                   f"{fast['accuracies'] == naive['accuracies']}")
             rows.append(row)
-            print(row, f"(fast path: {stats})", flush=True)
+            print(row, f"(fast path: {fast['stats']})", flush=True)
     print("\n" + header)
     print("\n".join(rows))
 
