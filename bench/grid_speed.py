@@ -92,7 +92,7 @@ def run(model, images, labels, cells, criterion, batches, fast: bool):
             variant = Pruner(copy.deepcopy(model), x1)
             evaluator = GridEvaluator(variant, images, labels, fast=False)
         variant.prune([group], sparsity, method, scorer)
-        accs.append(evaluator.accuracy(variant, [group]))
+        accs.append(evaluator.accuracy(variant))
         if fast:
             start = first_changed_segment(base.model, variant.model, segments)
             if start not in prefixes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pickle
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ def ensure_unzipped(path: Path, archive: Path = MODELS_ZIP) -> None:
         with zipfile.ZipFile(archive) as zf:
             if member in zf.namelist():
                 zf.extract(member, ".")
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
         raise UserError(f"cannot extract {member} from {archive} ({exc}); fetch {archive} again "
                         "or pass --checkpoint") from None
 

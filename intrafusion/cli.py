@@ -62,21 +62,22 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def _train(argv) -> int:
+    import math
+
+    from .checkpoints import default_checkpoint
     from .data import load_dataset
-    from .models import build_model
-    from .training import TrainSettings, train
+    from .training import TrainSettings, new_model, train
     args = train_parser().parse_args(argv)
     device = resolve_device(args.gpu_id)
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+    if args.epochs < 1 or args.batch_size < 1 or not (math.isfinite(args.lr) and args.lr > 0):
         raise UserError("--epochs, --batch-size and --lr must be positive")
+    if not 0 < args.momentum < 1 or not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise UserError("--momentum must lie in (0, 1) (Nesterov SGD) and --weight-decay be >= 0")
     dataset = load_dataset(args.dataset, args.data_dir)
-    default_out = (Path("models") / f"{args.model_name}.checkpoint" if args.dataset == "cifar10"
-                   else Path("models") / args.dataset / f"{args.model_name}.checkpoint")
-    out = Path(args.out) if args.out else default_out
+    out = Path(args.out) if args.out else default_checkpoint(args.model_name, args.dataset)
     settings = TrainSettings(args.model_name, args.dataset, args.epochs, args.batch_size, args.lr,
                              args.momentum, args.weight_decay, not args.no_augment, args.seed)
-    model = build_model(args.model_name, dataset.num_classes)
-    result = train(model, dataset, settings, out, device,
+    result = train(new_model(settings, dataset.num_classes), dataset, settings, out, device,
                    quiet=args.quiet or not sys.stderr.isatty())
     print(f"saved {out}: test accuracy {result['test_accuracy']:.2f}%")
     return 0

@@ -165,7 +165,8 @@ def comparable_settings(config: GridConfig, digest: str) -> dict:
     f = config.fusion
     return dict(model=config.model_name, dataset=config.dataset, checkpoint_sha256=digest,
                 fusion_rule=f.rule, target=f.target, source_prob=f.source_prob,
-                target_prob=f.target_prob, p=f.p)
+                target_prob=f.target_prob, p=f.p, repair_batches=config.repair_batches,
+                finetune_epochs=config.finetune_epochs, finetune_lr=config.finetune_lr)
 
 
 def _unique(values) -> list:
@@ -221,7 +222,7 @@ def _prune_cell(ctx: _Context, scorer: Scorer, cell: tuple) -> tuple[dict, Prune
         batches, reference = ctx.repair_batches()
         repair_pruned(ctx.base, variant, batches, reference)
     seconds = time.perf_counter() - start
-    acc = ctx.evaluator.accuracy(variant, [group])
+    acc = ctx.evaluator.accuracy(variant)
     row = dict(ctx.common, criterion=criterion, group=group, sparsity=sparsity, method=method,
                accuracy=acc, params=count_params(variant.model), prune_seconds=round(seconds, 4),
                macs=ctx.macs(variant.model), epoch=0)
@@ -232,7 +233,7 @@ def _finetune_rows(ctx: _Context, variant: Pruner, row: dict, record) -> None:
     """Fine-tune the variant, recording a "+ft" row with the test accuracy after each epoch."""
     def on_epoch(epoch: int, model) -> None:
         record(dict(row, method=row["method"] + "+ft", epoch=epoch,
-                    accuracy=ctx.evaluator.accuracy(variant, [row["group"]])))
+                    accuracy=ctx.evaluator.accuracy(variant)))
 
     finetune(variant.model, ctx.dataset, ctx.config.finetune_epochs, ctx.config.finetune_lr,
              ctx.config.batch_size, device=torch.device(ctx.config.device), on_epoch=on_epoch)

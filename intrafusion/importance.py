@@ -1,7 +1,7 @@
 """Channel importance of a dependency group, measured on the folded network.
 
 Magnitude, LAMP and Taylor scores come from torch-pruning's importance classes restricted to
-conv/linear layers; l_inf, random and CHIP are computed here. Criteria that need data (taylor,
+conv/linear layers; l_inf, random and CHIP (channel independence, Sui et al. 2021) are computed here. Criteria that need data (taylor,
 chip) measure the network in eval mode, without changing it, and cache what they measured on the
 unpruned network so that every group and sparsity of a grid reuses it.
 """
@@ -35,10 +35,33 @@ def taylor_gradients(model: nn.Module, batches) -> dict[str, torch.Tensor]:
     return {n: t / max(len(batches), 1) for n, t in zip(names, total)}
 
 
+def feature_matrices(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """(N, C, L): each sample's output as a channels × positions matrix. Conv: positions are
+    the H×W pixels; Linear: the out-features are the channels (the last dim), positions the rest
+    (tokens; L = 1 for a plain (N, C) output)."""
+    if isinstance(module, nn.Linear):
+        out = out.movedim(-1, 1)
+    return out.reshape(out.shape[0], out.shape[1], -1).float()
+
+
+def channel_independence(a: torch.Tensor) -> torch.Tensor:
+    """CHIP's channel independence (N, C) of feature matrices a (N, C, L): how much the nuclear
+    norm ‖a_n‖_* drops when channel c's row is zeroed. A channel the others can reproduce
+    (linearly dependent on them) loses little; an independent one loses much. C SVDs per sample."""
+    full = torch.linalg.svdvals(a).sum(-1)
+    ci = torch.empty(a.shape[:2], dtype=a.dtype, device=a.device)
+    for c in range(a.shape[1]):
+        masked = a.clone()
+        masked[:, c] = 0
+        ci[:, c] = full - torch.linalg.svdvals(masked).sum(-1)
+    return ci
+
+
 @torch.no_grad()
-def chip_norms(model: nn.Module, batches) -> dict[str, torch.Tensor]:
-    """Mean nuclear norm of each output channel's feature map (H×W matrix) per conv/linear
-    layer name, over the images of `batches`; for linear layers the absolute activation."""
+def chip_scores(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Mean channel independence (C,) of every conv/linear layer's output channels, by layer
+    name, over the images of `batches`; measured once on the unpruned network (it costs one
+    SVD per channel and image)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -47,14 +70,8 @@ def chip_norms(model: nn.Module, batches) -> dict[str, torch.Tensor]:
     hooks = []
 
     def hook(name):
-        def record(_module, _inputs, out):
-            if out.dim() == 4:
-                val = torch.linalg.matrix_norm(out.float(), ord="nuc")       # (N, C)
-            elif out.dim() == 3:
-                val = out.float().abs().sum(-1)
-            else:
-                val = out.float().abs()
-            sums[name] = sums.get(name, 0) + val.sum(0)
+        def record(module, _inputs, out):
+            sums[name] = sums.get(name, 0) + channel_independence(feature_matrices(module, out)).sum(0)
         return record
 
     for name, module in model.named_modules():
@@ -108,7 +125,7 @@ class Scorer:
     def _measure(self, model: nn.Module, pristine: bool) -> dict[str, torch.Tensor]:
         if pristine and self._pristine_cache is not None:
             return self._pristine_cache
-        measure = taylor_gradients if self.criterion == "taylor" else chip_norms
+        measure = taylor_gradients if self.criterion == "taylor" else chip_scores
         result = measure(model, self.batches)
         if pristine and self.cache:
             self._pristine_cache = result

@@ -201,7 +201,3 @@ def plot_all(csv_path: Path | str, png_path: Path | str | None = None) -> list[P
         _save(fig, path)
     return list(figures)
 
-
-def plot_results(csv_path: Path | str, png_path: Path | str | None = None) -> Path:
-    """Like `plot_all`, returning the path of the sparsity plot only."""
-    return plot_all(csv_path, png_path)[0]

@@ -111,8 +111,8 @@ class GridEvaluator:
         self.stats["prefix_computed"] += 1
         return acts
 
-    def accuracy(self, variant, groups=None) -> float:
-        """Test accuracy of `variant` (a pruned copy of base); `groups` is informational."""
+    def accuracy(self, variant) -> float:
+        """Test accuracy of `variant` (a pruned copy of base)."""
         model = variant.model.eval()
         if self.segments is not None:
             start = first_changed_segment(self.base.model, model, self.segments)

@@ -17,9 +17,10 @@ from .storage import write_failure
 
 CSV_COLUMNS = ["model", "dataset", "criterion", "group", "sparsity", "method", "accuracy", "params",
                "prune_seconds", "fusion_rule", "target", "source_prob", "target_prob", "p",
-               "checkpoint_sha256", "macs", "epoch"]
+               "checkpoint_sha256", "macs", "epoch", "repair_batches", "finetune_epochs",
+               "finetune_lr"]
 COMPARABLE = ("model", "dataset", "checkpoint_sha256", "fusion_rule", "target", "source_prob",
-              "target_prob", "p")
+              "target_prob", "p", "repair_batches", "finetune_epochs", "finetune_lr")
 
 
 def group_value(value):
@@ -28,7 +29,8 @@ def group_value(value):
 
 
 _TYPES = {"group": group_value, "sparsity": float, "accuracy": float, "params": int,
-          "prune_seconds": float, "p": float, "macs": int, "epoch": int}
+          "prune_seconds": float, "p": float, "macs": int, "epoch": int,
+          "repair_batches": int, "finetune_epochs": int, "finetune_lr": float}
 _RESUME_HINT = "rerun the same command to resume"
 
 

@@ -29,6 +29,7 @@ from .checkpoints import load_tensors
 from .data import Dataset, train_batches
 from .errors import UserError
 from .evaluation import accuracy
+from .models import build_model
 from .storage import check_writable, write_failure
 
 
@@ -43,6 +44,12 @@ class TrainSettings:
     weight_decay: float = 5e-4
     augment: bool = True
     seed: int = 0
+
+
+def new_model(settings: TrainSettings, num_classes: int) -> nn.Module:
+    """The untrained model of `settings`, its initial weights drawn from `settings.seed`."""
+    torch.manual_seed(settings.seed)
+    return build_model(settings.model_name, num_classes)
 
 
 def atomic_save(obj, path: Path) -> None:

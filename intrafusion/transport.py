@@ -57,7 +57,10 @@ def transport_map(features: torch.Tensor, keep: torch.Tensor, scores: torch.Tens
     scores: (n,) importance. The exact OT plan between the source marginal over all channels and
     the target marginal over the targets (the kept channels, or mixture centroids) under the
     p-norm cost is transposed and each source column divided by its sum, so every channel's mass
-    is split among the targets with weights summing to one."""
+    is split among the targets with weights summing to one. Row j is the target written at kept
+    position keep[j]: for mixture centroids, the rows are ordered by the assignment that gives
+    each kept channel the centroid receiving most of its mass, so that downstream bookkeeping
+    (which original channel a fused channel stands for, e.g. for repair) stays meaningful."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     x = normalize_rows(features.detach().double())
@@ -76,4 +79,8 @@ def transport_map(features: torch.Tensor, keep: torch.Tensor, scores: torch.Tens
     plan = ot.emd(a, b, cost)
     plan = torch.as_tensor(plan, dtype=torch.float64).T  # (k, n)
     plan = plan / plan.sum(dim=0, keepdim=True).clamp_min(1e-300)
+    if target == "cluster_centroid":
+        from scipy.optimize import linear_sum_assignment
+        _, centroid_of = linear_sum_assignment(plan[:, keep].T.numpy(), maximize=True)
+        plan = plan[torch.as_tensor(centroid_of)]
     return plan.to(dtype=features.dtype, device=features.device)

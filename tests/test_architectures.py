@@ -122,3 +122,23 @@ def test_fixed_layers_are_never_pruned():
     assert pruner_options(MobileNetV2Small()) == {}
     pruner = Pruner(model, torch.randn(1, 3, 32, 32), **options)
     assert all(not any("fc2" in n for n in g.layers) for g in pruner.groups)
+
+
+def test_chip_scores_token_layers_per_out_feature(pruners):
+    """A channel-mixing Linear outputs (N, tokens, features): CHIP must score each out-feature
+    by its row in the features × tokens matrix, not sum over features."""
+    from intrafusion.importance import channel_independence
+    base = pruners[MLPMixerSmall]
+    index = next(i for i, g in enumerate(base.groups) if set(g.layers) == {"blocks.0.channel_mlp.0"})
+    layer = base.model.get_submodule("blocks.0.channel_mlp.0")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    seen = []
+    hook = layer.register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    with torch.no_grad():
+        base.model.eval()(x)
+    hook.remove()
+    assert seen[0].dim() == 3
+    expected = channel_independence(seen[0].transpose(1, 2)).mean(0)
+    group, n = base.full_group(index)
+    got = Scorer("chip", [(x, torch.zeros(4, dtype=torch.long))])(base.model, base.graph, group, n)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

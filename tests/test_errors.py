@@ -146,6 +146,12 @@ def test_corrupt_dataset_files(capsys, env, base, tmp_path):
     fails(capsys, base[0] + ["--data-dir", str(bad_size), "--dataset", "fashion-mnist"],
           "size or sha256 checksum mismatch", base[1])
 
+    bad_stream = bytearray(gzip.compress(b"\0" * 1000))
+    bad_stream[10] = 0xFF  # first deflate block header: reserved block type, a zlib.error
+    (bad_size / "train-images-idx3-ubyte.gz").write_bytes(bytes(bad_stream))
+    fails(capsys, base[0] + ["--data-dir", str(bad_size), "--dataset", "fashion-mnist"],
+          "corrupt dataset file", base[1])
+
 
 def test_gpu_id_without_a_gpu(capsys, base, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -200,6 +206,9 @@ def test_training_errors_are_one_line(capsys, env, tmp_path, monkeypatch):
     cases = [
         (["--model-name", "vgg12"], "argument --model-name: invalid choice: 'vgg12'"),
         (["--epochs", "0"], "--epochs, --batch-size and --lr must be positive"),
+        (["--lr", "nan"], "--epochs, --batch-size and --lr must be positive"),
+        (["--momentum", "0"], "--momentum must lie in (0, 1)"),
+        (["--weight-decay", "-1"], "--weight-decay be >= 0"),
         (["--gpu_id", "0"], "no such CUDA GPU"),
         (["--out", str(tmp_path)], "it is a directory"),
     ]

@@ -109,12 +109,15 @@ def test_flattened_consumer_columns_are_fused_per_position():
     group, n = pruner.full_group(0)
     slots, _ = group_slots(pruner.graph, group, n)
     lin_slot = next(s for s in slots if not s.out)
-    assert lin_slot.index.shape == (16, 4)
+    torch.testing.assert_close(lin_slot.index, torch.arange(64).view(16, 4))
+    scores = Scorer("l1")(pruner.model, pruner.graph, group, n)
+    keep = torch.sort(torch.argsort(scores, descending=True)[:12]).values
+    T = transport_map(channel_features(slots), keep, scores)          # (12, 16), fork rule
     variant = pruner.copy()
     variant.prune_group(0, 0.25, "intra_fusion", Scorer("l1"))
-    assert variant.model.classifier.weight.shape == (10, 12 * 4)
-    assert torch.isfinite(variant.model(torch.randn(2, 3, 16, 16))).all()
-    assert lin.shape == (10, 16, 4)
+    # every spatial position p of kept channel j gets Σ_i T_ji · column (i, p)
+    expected = torch.einsum("kn,onp->okp", T, lin).reshape(10, 12 * 4)
+    torch.testing.assert_close(variant.model.classifier.weight.detach(), expected)
 
 
 def test_several_groups_are_pruned_in_order_and_rescored():

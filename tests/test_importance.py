@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from helpers import TinyResNet, TinyVGG, randomize_batchnorms
-from intrafusion.importance import CRITERIA, Scorer
+from intrafusion import importance
+from intrafusion.importance import CRITERIA, Scorer, channel_independence, feature_matrices
 from intrafusion.pruning import Pruner, kept_count
 
 
@@ -76,19 +77,42 @@ def test_taylor_matches_weight_times_gradient():
     torch.testing.assert_close(got, ((row + col) / 2).detach(), rtol=1e-4, atol=1e-7)
 
 
-def test_pristine_measurements_are_cached_and_remeasured_after_pruning():
+def test_pristine_measurements_are_cached_and_remeasured_after_pruning(monkeypatch):
+    calls = []
+    real = importance.chip_scores
+    monkeypatch.setattr(importance, "chip_scores", lambda m, b: calls.append(m) or real(m, b))
     pruner = make_pruner()
     scorer = Scorer("chip", batches())
     group, n = pruner.full_group(0)
     first = scorer(pruner.model, pruner.graph, group, n)
-    cached = scorer._pristine_cache
-    scorer(pruner.model, pruner.graph, group, n)
-    assert scorer._pristine_cache is cached
+    torch.testing.assert_close(scorer(pruner.model, pruner.graph, group, n), first)
+    assert len(calls) == 1
     variant = pruner.copy()
     variant.prune_group(1, 0.5, "default", scorer)
     group, n = variant.full_group(0)
     again = scorer(variant.model, variant.graph, group, n, pristine=variant.pristine)
-    assert scorer._pristine_cache is cached and again.shape == first.shape
+    assert len(calls) == 2 and calls[-1] is variant.model   # group 1 was scored from the cache
+    fresh = Scorer("chip", batches(), cache=False)(variant.model, variant.graph, group, n)
+    torch.testing.assert_close(again, fresh)
+    assert not torch.allclose(again, first)  # group 0's inputs changed when group 1 was pruned
+
+
+def test_channel_independence_of_dependent_and_independent_rows():
+    r0, r2 = torch.tensor([3.0, 0.0, 0.0, 4.0]), torch.tensor([0.0, 2.0, 0.0, 0.0])
+    a = torch.stack([r0, r0, r2])[None]                                 # (1, 3, 4)
+    # rows 0 and 1 are equal: ‖a‖_* = √2·5 + 2; zeroing either leaves 5 + 2; zeroing row 2 leaves √2·5
+    expected = torch.tensor([[(2 ** 0.5 - 1) * 5, (2 ** 0.5 - 1) * 5, 2.0]])
+    torch.testing.assert_close(channel_independence(a), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_feature_matrices_put_out_features_first():
+    lin = torch.nn.Linear(4, 6)
+    tokens = lin(torch.randn(2, 5, 4))                                   # (N, tokens, features)
+    a = feature_matrices(lin, tokens)
+    assert a.shape == (2, 6, 5) and torch.equal(a[1, 3], tokens[1, :, 3])
+    assert feature_matrices(lin, tokens[:, 0]).shape == (2, 6, 1)
+    conv = torch.nn.Conv2d(3, 7, 3)
+    assert feature_matrices(conv, torch.randn(2, 7, 4, 5)).shape == (2, 7, 20)
 
 
 def test_kept_count_and_lowest_scores_pruned():

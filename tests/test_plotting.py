@@ -8,13 +8,14 @@ from matplotlib.image import imread
 from grid_env import ROOT, make_env
 from intrafusion.cli import main, package_main
 from intrafusion.errors import UserError
-from intrafusion.plotting import draw, draw_finetune, plot_all, plot_results
+from intrafusion.plotting import draw, draw_finetune, plot_all
 from intrafusion.report import summary_table
 from intrafusion.results import CsvLog, read_table
 
 BASE = dict(model="vgg11_bn", dataset="cifar10", fusion_rule="fork", target="most_important",
             source_prob="uniform", target_prob="uniform", p=1.0, checkpoint_sha256="ab",
-            params=1, prune_seconds=0.0, macs=1, epoch=0)
+            params=1, prune_seconds=0.0, macs=1, epoch=0, repair_batches=10, finetune_epochs=0,
+            finetune_lr=0.01)
 
 
 def grid_rows(criteria=("l1",), groups=(1, 2), sparsities=(0.3, 0.5, 0.7)):
@@ -116,7 +117,7 @@ def test_plot_all_writes_the_finetune_png_only_with_finetune_rows(tmp_path):
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "plain.csv", "plain.png", "tuned.csv", "tuned.png", "tuned_finetune.png"]
-    assert plot_results(tuned, tmp_path / "out" / "x.png") == tmp_path / "out" / "x.png"
+    assert plot_all(tuned, tmp_path / "out" / "x.png")[0] == tmp_path / "out" / "x.png"
     assert (tmp_path / "out" / "x_finetune.png").is_file()
 
 
@@ -128,7 +129,7 @@ def test_plot_command_writes_a_png_beside_the_csv(tmp_path, capsys):
     image = imread(png)
     assert image.ndim == 3 and image.shape[1] > image.shape[0] > 200
     assert not list(tmp_path.glob("*.tmp"))
-    assert plot_results(csv, tmp_path / "other.png") == tmp_path / "other.png"
+    assert plot_all(csv, tmp_path / "other.png")[0] == tmp_path / "other.png"
 
 
 def test_python_dash_m_entry_point(tmp_path):
@@ -160,8 +161,8 @@ def test_plot_into_an_unwritable_place(tmp_path):
     csv = write_csv(tmp_path / "x.csv", grid_rows())
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot write .*file is not a directory"):
-        plot_results(csv, tmp_path / "file" / "x.png")
-    plot_results(csv, tmp_path / "new" / "x.png")
+        plot_all(csv, tmp_path / "file" / "x.png")[0]
+    plot_all(csv, tmp_path / "new" / "x.png")[0]
     assert (tmp_path / "new" / "x.png").is_file()
 
 

@@ -142,6 +142,8 @@ def other_checkpoint(env):
     (["--target", "cluster_centroid"], "target=most_important"),
     (["--source_prob", "importance"], "source_prob=uniform"),
     (["--p", "2"], "p=1.0 but this run has p=2.0"),
+    (["--repair-batches", "3"], "repair_batches=10 but this run has repair_batches=3"),
+    (["--finetune-epochs", "1"], "finetune_epochs=0 but this run has finetune_epochs=1"),
     (["--dataset", "cifar100"], "dataset=cifar10 but this run has dataset=cifar100"),
     ("other checkpoint", "checkpoint_sha256="),
 ])

@@ -5,8 +5,7 @@ from helpers import write_cifar
 from intrafusion import training
 from intrafusion.data import load_dataset
 from intrafusion.errors import UserError
-from intrafusion.training import TrainSettings, train
-from intrafusion.models import build_model
+from intrafusion.training import TrainSettings, new_model, train
 
 
 @pytest.fixture()
@@ -17,8 +16,15 @@ def tiny(tmp_path):
 
 
 def fresh():
-    torch.manual_seed(0)
-    return build_model("vgg11")
+    torch.manual_seed(123)  # new_model must not depend on the global RNG state
+    return new_model(TrainSettings("vgg11", "cifar10"), 10)
+
+
+def test_seed_sets_the_initial_weights():
+    a, b = fresh().state_dict(), fresh().state_dict()
+    c = new_model(TrainSettings("vgg11", "cifar10", seed=1), 10).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["features.0.weight"], c["features.0.weight"])
 
 
 def test_checkpoint_format_and_reproducibility(tiny):

@@ -67,6 +67,19 @@ def test_cluster_centroids_are_reproducible_and_handle_few_distinct_points():
     assert torch.isfinite(T).all()
 
 
+def test_centroid_rows_follow_the_kept_channels():
+    """Three tight clusters listed in an order unrelated to the mixture's component order: row j
+    of the map must be the centroid of the cluster that contains kept channel keep[j]."""
+    centers = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    cluster = torch.tensor([2, 0, 1, 2, 0, 1, 1, 2, 0])
+    noise = 0.01 * torch.randn(9, 3, generator=torch.Generator().manual_seed(0))
+    x = centers[cluster] + noise
+    for keep in (torch.tensor([0, 1, 2]), torch.tensor([4, 6, 7]), torch.tensor([1, 3, 6])):
+        T = transport_map(x, keep, target="cluster_centroid")
+        members = cluster[:, None] == cluster[keep][None, :]      # (9, 3)
+        torch.testing.assert_close(T.T, members.double().to(T.dtype), atol=1e-6, rtol=0)
+
+
 def test_zero_features_and_ties_do_not_produce_nan():
     x = torch.zeros(6, 3)
     x[0, 0] = 1.0
