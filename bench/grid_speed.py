@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from intrafusion.importance import Scorer  # noqa: E402
 from intrafusion.models import build_model  # noqa: E402
 from intrafusion.prefix import GridEvaluator, first_changed_segment, model_segments  # noqa: E402
 from intrafusion.pruning import Pruner  # noqa: E402
-from intrafusion.storage import file_digest  # noqa: E402
+from intrafusion.storage import atomic_write, file_digest  # noqa: E402
 
 
 def segment_macs(model: nn.Module, segments, x: torch.Tensor) -> list[int]:
@@ -109,14 +108,6 @@ def read_record(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def write_record(record: dict, path: Path) -> None:
-    """Write the record atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["vgg11_bn", "resnet18"])
@@ -153,7 +144,7 @@ def main() -> None:
                                             path == "fast")
                     record[key] = {"seconds": time.perf_counter() - t, "accuracies": accs,
                                    "macs": macs, "stats": stats, "finished": time.ctime()}
-                    write_record(record, args.record)
+                    atomic_write(args.record, json.dumps(record, indent=1).encode(), "rerun to resume")
                 timed[path] = record[key]
             fast, naive = timed["fast"], timed["naive"]
             ratio, ideal = naive["seconds"] / fast["seconds"], naive["macs"] / fast["macs"]

@@ -1,4 +1,5 @@
-"""Accuracy of a model on in-memory tensors, in large batches under inference mode."""
+"""Accuracy of a model on in-memory tensors, in large batches under inference mode, and
+forward passes with hooks on named layers (statistics, importance)."""
 from __future__ import annotations
 
 import torch
@@ -25,3 +26,20 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 1000) -> float:
     """Fraction in [0, 1] of correctly classified images."""
     return count_correct(model, images, labels, batch_size) / max(len(labels), 1)
+
+
+def run_hooked(model: nn.Module, layer_names, make_hook, inputs) -> None:
+    """Forward every input through `model` in eval mode with make_hook(name) hooked on each
+    named layer; hooks removed and the training flag restored afterwards."""
+    modules = dict(model.named_modules())
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    handles = [modules[n].register_forward_hook(make_hook(n)) for n in layer_names]
+    try:
+        for x in inputs:
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)

@@ -1,9 +1,10 @@
 """Channel importance of a dependency group, measured on the folded network.
 
 Magnitude, LAMP and Taylor scores come from torch-pruning's importance classes restricted to
-conv/linear layers; l_inf, random and CHIP (channel independence, Sui et al. 2021) are computed here. Criteria that need data (taylor,
-chip) measure the network in eval mode, without changing it, and cache what they measured on the
-unpruned network so that every group and sparsity of a grid reuses it.
+conv/linear layers; l_inf, random and CHIP (channel independence, Sui et al. 2021) are computed
+here. Criteria that need data (taylor, chip) measure the network in eval mode, without changing
+it, and cache what they measured on the unpruned network so that every group and sparsity of a
+grid reuses it.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .evaluation import run_hooked
 from .fusion import FUSABLE_LAYERS, group_slots
 
 CRITERIA = ("l1", "l2", "l_inf", "taylor", "lamp", "random", "chip")
@@ -62,30 +64,17 @@ def chip_scores(model: nn.Module, batches) -> dict[str, torch.Tensor]:
     """Mean channel independence (C,) of every conv/linear layer's output channels, by layer
     name, over the images of `batches`; measured once on the unpruned network (it costs one
     SVD per channel and image)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
-    count = 0
-    hooks = []
 
     def hook(name):
         def record(module, _inputs, out):
             sums[name] = sums.get(name, 0) + channel_independence(feature_matrices(module, out)).sum(0)
         return record
 
-    for name, module in model.named_modules():
-        if isinstance(module, FUSABLE_LAYERS):
-            hooks.append(module.register_forward_hook(hook(name)))
-    try:
-        for x, _ in batches:
-            model(x.to(device))
-            count += len(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    model.train(was_training)
-    return {n: s / max(count, 1) for n, s in sums.items()}
+    names = [n for n, m in model.named_modules() if isinstance(m, FUSABLE_LAYERS)]
+    run_hooked(model, names, hook, [x for x, _ in batches])
+    count = max(sum(len(x) for x, _ in batches), 1)
+    return {n: s / count for n, s in sums.items()}
 
 
 def _linf(graph, group, n: int) -> torch.Tensor:

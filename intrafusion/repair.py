@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .evaluation import run_hooked
 from .fusion import FUSABLE_LAYERS
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -88,23 +89,6 @@ def correct_layer(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -
     module.bias.copy_(module.bias * scale.to(w) + shift.to(w))
 
 
-def _run_hooked(model: nn.Module, layer_names, make_hook, inputs) -> None:
-    """Forward every input through `model` in eval mode with make_hook(name) hooked on each
-    named layer; hooks removed and the training flag restored afterwards."""
-    modules = dict(model.named_modules())
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    handles = [modules[n].register_forward_hook(make_hook(n)) for n in layer_names]
-    try:
-        for x in inputs:
-            model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-
-
 @torch.no_grad()
 def layer_statistics(model: nn.Module, layer_names, batches) -> Stats:
     """{name: (mean (C,), var (C,))} in float64 of each named conv/linear layer's output per
@@ -117,7 +101,7 @@ def layer_statistics(model: nn.Module, layer_names, batches) -> Stats:
             moments[name] = merge_moments(moments[name], new) if name in moments else new
         return record
 
-    _run_hooked(model, layer_names, hook, _inputs(batches))
+    run_hooked(model, layer_names, hook, _inputs(batches))
     return {n: _mean_var(*moments[n]) for n in layer_names}
 
 
@@ -187,7 +171,7 @@ def repair(model: nn.Module, reference: Stats, channel_map: dict[str, torch.Tens
             return out * scale.to(out).view(shape) + shift.to(out).view(shape)
         return correct
 
-    _run_hooked(model, layer_names, hook, [torch.cat(_inputs(batches))])
+    run_hooked(model, layer_names, hook, [torch.cat(_inputs(batches))])
     return measured
 
 

@@ -48,6 +48,25 @@ def write_failure(path: Path | str, exc: OSError, hint: str) -> UserError:
     return UserError(f"could not write {path} ({exc.strerror or exc}): {hint}")
 
 
+def atomic_write(path: Path | str, data: bytes, hint: str) -> None:
+    """Write `data` to a temporary file, fsync, then rename it over `path`: readers see the old
+    file or the new one, never half of one. A failed write (disk full) leaves `path` as it was
+    and raises UserError ending in `hint` (what to do next)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        if tmp.exists():
+            tmp.unlink()
+        raise write_failure(path, exc, hint) from None
+
+
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in chunks (checksums of data and checkpoints)."""
     digest = hashlib.new(algorithm)

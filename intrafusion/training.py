@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from .data import Dataset, train_batches
 from .errors import UserError
 from .evaluation import accuracy
 from .models import build_model
-from .storage import check_writable, write_failure
+from .storage import atomic_write, check_writable
 
 
 @dataclass(frozen=True)
@@ -53,23 +52,10 @@ def new_model(settings: TrainSettings, num_classes: int) -> nn.Module:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to memory, write a temporary file, fsync, then rename over `path`; a failed
-    write (disk full) leaves `path` as it was and raises UserError."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    """torch.save `obj` atomically to `path` (storage.atomic_write)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError as exc:
-        if tmp.exists():
-            tmp.unlink()
-        raise write_failure(path, exc, "rerun the same command to resume") from None
+    atomic_write(path, buffer.getvalue(), "rerun the same command to resume")
 
 
 _STATE_KEYS = {"settings", "model", "optimizer", "scheduler", "generator", "epoch", "step", "history"}
