@@ -36,12 +36,24 @@ def ensure_unzipped(path: Path, archive: Path = MODELS_ZIP) -> None:
                         "or pass --checkpoint") from None
 
 
-def _unreadable(exc: Exception) -> str:
-    """Why torch.load failed, in words a person can act on."""
-    if isinstance(exc, pickle.UnpicklingError):
-        return "not a file saved by torch.save, or it holds objects other than tensors"
+ZIP_MAGIC = b"PK\x03\x04"   # torch.save has written zip archives since torch 1.6
+
+
+def _unreadable(exc: Exception, path: Path) -> str:
+    """Why torch.load failed, in words a person can act on. A file that is not a zip archive is
+    read by the legacy unpickler, which fails on arbitrary bytes with arbitrary exceptions."""
     if isinstance(exc, EOFError):
         return "the file is empty or truncated"
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    except OSError:
+        zipped = True   # unreadable: report torch's own error below
+    if isinstance(exc, pickle.UnpicklingError):
+        return ("it holds objects other than tensors" if zipped else
+                "not a file saved by torch.save, or it holds objects other than tensors")
+    if not zipped:
+        return "not a file saved by torch.save"
     if isinstance(exc, (RuntimeError, zipfile.BadZipFile)) and "zip" in str(exc).lower():
         return "the file is truncated or corrupted"
     first = str(exc).splitlines()[0] if str(exc) else ""
@@ -50,14 +62,16 @@ def _unreadable(exc: Exception) -> str:
 
 def load_tensors(path: Path, hint: str):
     """torch.load(path, weights_only=True) onto the CPU, without warnings; a UserError ending in
-    `hint` when the file cannot be read that way."""
+    `hint` when the file cannot be read that way. Any exception counts: unpickling arbitrary bytes
+    raises arbitrary ones (IndexError, struct.error, ...)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile,
-            AttributeError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not a readable checkpoint ({_unreadable(exc)}); {hint}") from None
+    except Exception as exc:   # any failure to read the file means a bad file
+
+        why = _unreadable(exc, path)
+        raise UserError(f"{path} is not a readable checkpoint ({why}); {hint}") from None
 
 
 def read_checkpoint(path: Path) -> dict:

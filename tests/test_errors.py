@@ -3,6 +3,7 @@
 import datetime
 import gzip
 import os
+import random
 import tarfile
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 from grid_env import calibrated_model, make_env, read_rows, save_checkpoint
 from helpers import write_cifar
 from intrafusion import data as data_module
+from intrafusion.checkpoints import load_tensors
 from intrafusion.cli import main, train_main
+from intrafusion.errors import UserError
 from intrafusion.models import build_model
 
 
@@ -21,7 +24,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
     data, ckpt = make_env(root)
     good = ckpt.read_bytes()
-    bad = {"random": os.urandom(4096), "truncated": good[: len(good) // 2], "empty": b""}
+    bad = {"random": random.Random(0).randbytes(4096), "truncated": good[: len(good) // 2], "empty": b""}
     paths = {name: root / f"{name}.ckpt" for name in bad}
     for name, content in bad.items():
         paths[name].write_bytes(content)
@@ -49,6 +52,18 @@ def fails(capsys, args, message, out):
     assert "Traceback" not in err
     assert not out.exists() and not list(out.parent.glob("*.png"))
     return err.strip()
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 4096])
+def test_arbitrary_bytes_are_never_a_traceback(tmp_path, size):
+    """Unpickling random bytes fails with IndexError, struct.error, UnpicklingError, ...: each
+    becomes the same UserError."""
+    path = tmp_path / "garbage.ckpt"
+    for seed in range(150):
+        path.write_bytes(random.Random(seed * 10_000 + size).randbytes(size))
+        with pytest.raises(UserError, match=r"is not a readable checkpoint \((not a file saved by "
+                                            r"torch.save|the file is empty or truncated)"):
+            load_tensors(path, "hint")
 
 
 @pytest.fixture()
