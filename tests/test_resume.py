@@ -38,10 +38,10 @@ def data_rows(path):
 
 def interrupt(args, out, sig, after_rows):
     """Start main.py, send `sig` once the CSV holds `after_rows` rows; (return code, stderr).
-    The run is niced so that on a busy machine this process wakes up before the run has
-    finished its remaining cells (they take milliseconds)."""
+    SIGINT gets its default disposition back: a test run started in the background (`pytest &`)
+    inherits it ignored, and Python then installs no KeyboardInterrupt handler."""
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: os.nice(15))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 180
     while data_rows(out) < after_rows:
         assert proc.poll() is None, "the run ended before it could be interrupted"
