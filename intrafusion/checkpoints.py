@@ -69,7 +69,6 @@ def load_tensors(path: Path, hint: str):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # any failure to read the file means a bad file
-
         why = _unreadable(exc, path)
         raise UserError(f"{path} is not a readable checkpoint ({why}); {hint}") from None
 

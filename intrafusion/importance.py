@@ -72,8 +72,9 @@ def chip_scores(model: nn.Module, batches) -> dict[str, torch.Tensor]:
         return record
 
     names = [n for n, m in model.named_modules() if isinstance(m, FUSABLE_LAYERS)]
-    run_hooked(model, names, hook, [x for x, _ in batches])
-    count = max(sum(len(x) for x, _ in batches), 1)
+    images = [x for x, _ in batches]
+    run_hooked(model, names, hook, images)
+    count = max(sum(len(x) for x in images), 1)
     return {n: s / count for n, s in sums.items()}
 
 
