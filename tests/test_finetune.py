@@ -55,3 +55,29 @@ def test_max_batches_limits_the_steps_and_is_reproducible(brightness_dataset):
         assert steps == [8] * 6
         results.append(model.classifier.weight.detach())
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+def amplified_model(factor: float):
+    """pruned_model() with every conv/linear weight and bias scaled by `factor`: with the
+    BatchNorms folded, activations grow by factor per layer, as after Intra-Fusion's fork rule."""
+    model = pruned_model()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight.mul_(factor)
+                if m.bias is not None:
+                    m.bias.mul_(factor)
+    return model
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 5.0])
+def test_clipping_keeps_an_amplified_network_from_diverging(brightness_dataset, max_grad_norm):
+    model = amplified_model(2.0)
+    history = finetune(model, brightness_dataset, epochs=3, lr=0.05, batch_size=16,
+                       max_grad_norm=max_grad_norm)
+    losses = torch.tensor([h["loss"] for h in history])
+    if max_grad_norm is None:   # the unclipped run blows up: the test shows what clipping prevents
+        assert not torch.isfinite(losses).all() or losses[-1] > losses[0]
+    else:
+        assert torch.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
+        assert all(torch.isfinite(p).all() for p in model.parameters())
