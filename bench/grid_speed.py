@@ -1,13 +1,14 @@
 """Fast vs naive experiment grid: wall time, ratio, ideal ratio from MACs, accuracy equality.
 
     python bench/grid_speed.py [--models vgg11_bn resnet18] [--criteria l1 taylor] [--limit N]
-                               [--record results/grid_speed.json] [--fresh]
+                               [--paths fast naive] [--record results/grid_speed.json] [--fresh]
 
 Fast path: the graph is traced once per model, every cell prunes a copy, Taylor gradients are
 measured once, and evaluation starts from cached unpruned-prefix activations. Naive path: every
 cell reloads, refolds and retraces the network, re-measures gradients and runs the whole network.
 Both run in this process on the same data; the ideal ratio counts multiply-accumulates
-(naive: every cell runs its whole network; fast: each distinct prefix once plus every suffix).
+(naive: every cell runs its whole network; fast: each unpruned segment that some prefix needs
+once, as the prefixes are nested and computed in one pass, plus every pruned suffix).
 
 A full run takes hours on a CPU, so each finished path (model, criterion, fast or naive) is
 written to `--record` at once and skipped when the same command is run again; the table is
@@ -76,12 +77,14 @@ def load_model(name: str, dataset: str, num_classes: int) -> tuple[nn.Module, st
 def run(model, images, labels, cells, criterion, batches, fast: bool):
     """Accuracies of every (group, sparsity, method) cell, and the MACs the path needed."""
     x1 = images[:1]
-    accs, macs, prefixes = [], 0, set()
+    accs, macs, prefix_end = [], 0, 0
     if fast:
         base = Pruner(copy.deepcopy(model), x1)
         scorer = Scorer(criterion, batches, cache=True)
         evaluator = GridEvaluator(base, images, labels, fast=True)
+        evaluator.plan(base.changed_modules(g) for g in sorted({g for g, _, _ in cells}))
         segments = evaluator.segments
+        base_macs = segment_macs(base.model, segments, x1)
     else:
         scorer = Scorer(criterion, batches, cache=False)
     for group, sparsity, method in cells:
@@ -94,9 +97,8 @@ def run(model, images, labels, cells, criterion, batches, fast: bool):
         accs.append(evaluator.accuracy(variant))
         if fast:
             start = first_changed_segment(base.model, variant.model, segments)
-            if start not in prefixes:
-                prefixes.add(start)
-                macs += sum(segment_macs(base.model, segments, x1)[:start])
+            macs += sum(base_macs[prefix_end:start])
+            prefix_end = max(prefix_end, start)
             macs += sum(segment_macs(variant.model, segments, x1)[start:])
         else:
             segs = model_segments(variant.model)
@@ -117,6 +119,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N test images")
     p.add_argument("--group_idxs", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--paths", nargs="+", choices=["fast", "naive"], default=["fast", "naive"],
+                   help="time only these paths (a row is printed once both are recorded)")
     p.add_argument("--record", type=Path, default=Path("results/grid_speed.json"),
                    help="finished paths are kept here and not run again")
     p.add_argument("--fresh", action="store_true", help="ignore the record: time every path again")
@@ -138,14 +142,18 @@ def main() -> None:
             for path in ("fast", "naive"):
                 key = "/".join(map(str, (name, weights, criterion, path, len(labels), torch.get_num_threads(),
                                          args.group_idxs, args.sparsities)))
-                if key not in record:
+                if key not in record and path in args.paths:
                     t = time.perf_counter()
                     accs, macs, stats = run(model, images, labels, cells, criterion, batches,
                                             path == "fast")
                     record[key] = {"seconds": time.perf_counter() - t, "accuracies": accs,
                                    "macs": macs, "stats": stats, "finished": time.ctime()}
                     atomic_write(args.record, json.dumps(record, indent=1).encode(), "rerun to resume")
-                timed[path] = record[key]
+                if key in record:
+                    timed[path] = record[key]
+            if len(timed) < 2:
+                print(f"{name:10s} {criterion:7s} recorded: {', '.join(timed) or 'nothing'}", flush=True)
+                continue
             fast, naive = timed["fast"], timed["naive"]
             ratio, ideal = naive["seconds"] / fast["seconds"], naive["macs"] / fast["macs"]
             row = (f"{name:10s} {criterion:7s} {naive['seconds']:9.1f} {fast['seconds']:8.1f} "

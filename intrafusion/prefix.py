@@ -5,8 +5,10 @@ same activations as in the unpruned network. The network is split into a chain o
 composition is its forward pass (VGG: each `features` module, then the classifier; ResNet: stem,
 each residual block, then the head). The test-set activations entering a segment are computed
 once from the unpruned network and cached (within a memory budget), and each variant runs only
-from its first changed segment on. Batches are the same as in a full forward pass, so the
-accuracies are identical to the last image. Models that cannot be split use the full forward.
+from its first changed segment on. Prefixes are nested, so each is computed from the deepest
+cached one before it, and the first pass also keeps the planned shallower ones (`plan`): every
+unpruned segment then runs once per test set. Batches are the same as in a full forward pass, so
+the accuracies are identical to the last image. Models that cannot be split use the full forward.
 """
 from __future__ import annotations
 
@@ -57,6 +59,14 @@ def first_changed_segment(base: nn.Module, variant: nn.Module, segments: list[Se
     return len(segments) - 1
 
 
+def segment_of(segments: list[Segment], names) -> int:
+    """Index of the first segment holding one of the modules `names` (dotted paths), else the last."""
+    for i, (held, _) in enumerate(segments):
+        if any(n == h or n.startswith(h + ".") for h in held for n in names):
+            return i
+    return len(segments) - 1
+
+
 class GridEvaluator:
     """Accuracy of pruned copies of `base` (a Pruner) on test tensors (N, 3, H, W), (N,).
 
@@ -70,9 +80,17 @@ class GridEvaluator:
         self.device = next(base.model.parameters()).device
         self.segments = model_segments(base.model) if fast else None
         self.cache: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
+        self.planned: set[int] = set()
         self.stats = {"full": 0, "suffix": 0, "prefix_computed": 0}
         if self.segments is not None and not self._chain_matches():
             self.segments = None
+
+    def plan(self, changed) -> None:
+        """Announce the variants to come: `changed` holds, per pruned group, the names of the
+        modules it changes. Their prefixes are then computed together in one pass. A hint only:
+        each variant's start is still found by comparing its parameters with the base."""
+        if self.segments is not None:
+            self.planned = {segment_of(self.segments, names) for names in changed} - {0}
 
     def _run(self, model: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         for _, fn in self.segments[start:stop]:
@@ -95,21 +113,40 @@ class GridEvaluator:
 
     @torch.inference_mode()
     def _prefix(self, index: int) -> list[torch.Tensor] | None:
-        """Activations entering segment `index` for every test batch, from the unpruned model."""
+        """Activations entering segment `index` for every test batch, from the unpruned model.
+
+        Runs from the deepest cached prefix before `index` (or the input), and on the way keeps
+        the planned prefixes not yet cached while they fit the budget."""
         if index in self.cache:
             self.cache.move_to_end(index)
             return self.cache[index]
         model = self.base.model.eval()
-        probe = self._run(model, self.images[:1].to(self.device), 0, index)
-        need = probe.numel() * probe.element_size() * len(self.labels)
-        if need > self.budget:
+        sizes, probe = [], self.images[:1].to(self.device)
+        for _, fn in self.segments[:index + 1]:
+            sizes.append(probe.numel() * probe.element_size() * len(self.labels))
+            probe = fn(model, probe)
+        if sizes[index] > self.budget:
             return None
-        while self.cache and self._cache_bytes() + need > self.budget:
+        while self.cache and self._cache_bytes() + sizes[index] > self.budget:
             self.cache.popitem(last=False)
-        acts = [self._run(model, x, 0, index) for x, _ in self._batches()]
-        self.cache[index] = acts
-        self.stats["prefix_computed"] += 1
-        return acts
+        source = max((k for k in self.cache if k < index), default=0)
+        keep, used = [], self._cache_bytes() + sizes[index]
+        for k in sorted(self.planned - self.cache.keys()):
+            if source < k < index and used + sizes[k] <= self.budget:
+                keep.append(k)
+                used += sizes[k]
+        inputs = self.cache[source] if source else [images for images, _ in self._batches()]
+        acts = {k: [] for k in [*keep, index]}
+        for x in inputs:
+            for k in range(source, index):
+                if k in acts:
+                    acts[k].append(x)
+                x = self.segments[k][1](model, x)
+            acts[index].append(x)
+        for k in sorted(acts):
+            self.cache[k] = acts[k]
+        self.stats["prefix_computed"] += len(acts)
+        return acts[index]
 
     def accuracy(self, variant) -> float:
         """Test accuracy of `variant` (a pruned copy of base)."""

@@ -183,6 +183,12 @@ class Pruner:
         fn = self.graph.get_pruner_of_module(root).prune_out_channels
         return self.graph.get_pruning_group(root, fn, list(range(n))), n
 
+    def changed_modules(self, index: int) -> set[str]:
+        """Names of the modules whose parameters pruning group `index` changes."""
+        names = {m: n for n, m in self._modules.items()}
+        group, _ = self.full_group(index)
+        return {names[item.dep.target.module] for item in group if item.dep.target.module in names}
+
     def prune_group(self, index: int, sparsity: float, method: str, scorer: Scorer,
                     fusion: FusionSettings = FusionSettings()) -> PruneRecord:
         """Prune group `index` at `sparsity` with `method` (default or intra_fusion), in place.

@@ -4,7 +4,7 @@ import torch
 from helpers import TinyVGG, randomize_batchnorms
 from intrafusion.importance import Scorer
 from intrafusion.models import build_model
-from intrafusion.prefix import GridEvaluator, first_changed_segment, model_segments
+from intrafusion.prefix import GridEvaluator, first_changed_segment, model_segments, segment_of
 from intrafusion.pruning import Pruner
 
 
@@ -30,6 +30,7 @@ def test_first_changed_segment_is_where_the_group_starts(name, group, first):
     segments = model_segments(base.model)
     index = first_changed_segment(base.model, variant.model, segments)
     assert segments[index][0][0] == first
+    assert segment_of(segments, base.changed_modules(group)) == index
 
 
 @pytest.mark.parametrize("name", ["vgg11_bn", "resnet18"])
@@ -46,6 +47,33 @@ def test_fast_accuracy_equals_full_forward_to_the_last_image(name):
             assert a == b
     assert fast.stats["full"] == 0 and fast.stats["suffix"] == 8
     assert fast.stats["prefix_computed"] <= 4 and full.stats["suffix"] == 0
+
+
+@pytest.mark.parametrize("name", ["vgg11_bn", "resnet18"])
+@pytest.mark.parametrize("planned", [True, False])
+def test_planned_prefixes_run_every_unpruned_layer_once(name, planned):
+    base, x, y = setup(name)
+    ev = GridEvaluator(base, x, y, fast=True, batch_size=16)
+    full = GridEvaluator(base, x, y, fast=False, batch_size=16)
+    order = (1, 3, 2)                               # deepest prefix first, then the shallowest
+    if planned:
+        ev.plan(base.changed_modules(g) for g in order)
+    convs = [m for m in base.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    calls = {}                                      # batch forwards (not 1-image probes) per module
+    hooks = [m.register_forward_hook(lambda m, i, o: calls.update({m: calls.get(m, 0) + (len(o) > 1)}))
+             for m in convs]
+    for group in order:
+        variant = base.copy()
+        variant.prune_group(group, 0.5, "intra_fusion", Scorer("l1"))
+        assert ev.accuracy(variant) == full.accuracy(variant)
+    for h in hooks:
+        h.remove()
+    batches = len(y) // 16
+    # with a plan the one pass also keeps the shallower prefixes; without, the shallowest is
+    # computed from the input again and the middle one from it
+    assert max(calls.get(m, 0) for m in convs) == batches * (1 if planned else 2)
+    assert ev.stats["prefix_computed"] == 3 and ev.stats["suffix"] == 3
+    assert ev._cache_bytes() <= ev.budget
 
 
 def test_budget_too_small_falls_back_to_full_forward():
