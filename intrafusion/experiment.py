@@ -256,7 +256,7 @@ def run_grid(config: GridConfig, log=tqdm.write, progress: bool = False) -> dict
     evaluator = GridEvaluator(base, test_x, test_y, fast=config.fast, cache_mb=config.cache_mb)
     groups, sparsities, methods = (_unique(config.group_idxs), _unique(config.sparsities),
                                    _unique(config.methods))
-    evaluator.plan(base.changed_modules(g) for g in groups if g != "all")
+    evaluator.plan(g for g in groups if g != "all")
     cells = [(c, g, s, m) for c in paths for g in groups for s in sparsities for m in methods]
 
     def finished_cell(cell) -> bool:

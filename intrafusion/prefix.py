@@ -85,12 +85,12 @@ class GridEvaluator:
         if self.segments is not None and not self._chain_matches():
             self.segments = None
 
-    def plan(self, changed) -> None:
-        """Announce the variants to come: `changed` holds, per pruned group, the names of the
-        modules it changes. Their prefixes are then computed together in one pass. A hint only:
-        each variant's start is still found by comparing its parameters with the base."""
+    def plan(self, groups) -> None:
+        """Announce the group indices the variants to come will prune, so that their prefixes are
+        computed together in one pass. A hint only: each variant's start is still found by
+        comparing its parameters with the base."""
         if self.segments is not None:
-            self.planned = {segment_of(self.segments, names) for names in changed} - {0}
+            self.planned = {segment_of(self.segments, self.base.changed_modules(g)) for g in groups} - {0}
 
     def _run(self, model: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         for _, fn in self.segments[start:stop]:

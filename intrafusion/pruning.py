@@ -185,7 +185,7 @@ class Pruner:
 
     def changed_modules(self, index: int) -> set[str]:
         """Names of the modules whose parameters pruning group `index` changes."""
-        names = {m: n for n, m in self._modules.items()}
+        names = self.graph._module2name
         group, _ = self.full_group(index)
         return {names[item.dep.target.module] for item in group if item.dep.target.module in names}
 
