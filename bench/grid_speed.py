@@ -29,14 +29,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from intrafusion.checkpoints import default_checkpoint, ensure_unzipped, load_weights, read_checkpoint  # noqa: E402
-from intrafusion.data import load_dataset  # noqa: E402
-from intrafusion.experiment import calibration_batches  # noqa: E402
+from intrafusion.experiments.checkpoints import default_checkpoint, ensure_unzipped, load_weights, read_checkpoint  # noqa: E402
+from intrafusion.experiments.data import load_dataset  # noqa: E402
+from intrafusion.experiments.grid import calibration_batches  # noqa: E402
 from intrafusion.importance import Scorer  # noqa: E402
 from intrafusion.models import build_model  # noqa: E402
-from intrafusion.prefix import GridEvaluator, first_changed_segment, model_segments  # noqa: E402
-from intrafusion.pruning import Pruner  # noqa: E402
-from intrafusion.storage import atomic_write, file_digest  # noqa: E402
+from intrafusion.experiments.prefix import GridEvaluator, first_changed_segment, model_segments  # noqa: E402
+from intrafusion.groups import Pruner  # noqa: E402
+from intrafusion.experiments.storage import atomic_write, file_digest  # noqa: E402
 
 
 def segment_macs(model: nn.Module, segments, x: torch.Tensor) -> list[int]:

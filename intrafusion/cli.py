@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import IntraFusionError
 
 
 def resolve_device(gpu_id: int) -> torch.device:
-    """CPU for -1, else cuda:<gpu_id>; a UserError when that GPU does not exist."""
+    """CPU for -1, else cuda:<gpu_id>; a IntraFusionError when that GPU does not exist."""
     if gpu_id < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available() or gpu_id >= torch.cuda.device_count():
-        raise UserError(f"--gpu_id {gpu_id} given but no such CUDA GPU is available; "
+        raise IntraFusionError(f"--gpu_id {gpu_id} given but no such CUDA GPU is available; "
                         "use --gpu_id -1 for the CPU")
     return torch.device(f"cuda:{gpu_id}")
 
@@ -24,13 +24,13 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose mistakes are UserErrors: one line, exit code 2."""
 
     def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
+        raise IntraFusionError(f"{message} (see {self.prog} --help)")
 
 
 def _run(entry, argv) -> int:
     try:
         return entry(argv)
-    except UserError as exc:
+    except IntraFusionError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -40,7 +40,7 @@ def _run(entry, argv) -> int:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    from .data import DATASET_NAMES
+    from .experiments.data import DATASET_NAMES
     from .models import MODEL_NAMES
     p = _Parser(prog="train.py", description="Train a CIFAR-style model from scratch.")
     p.add_argument("--model-name", default="vgg11_bn", choices=MODEL_NAMES)
@@ -64,15 +64,15 @@ def train_parser() -> argparse.ArgumentParser:
 def _train(argv) -> int:
     import math
 
-    from .checkpoints import default_checkpoint
-    from .data import load_dataset
-    from .training import TrainSettings, new_model, train
+    from .experiments.checkpoints import default_checkpoint
+    from .experiments.data import load_dataset
+    from .experiments.training import TrainSettings, new_model, train
     args = train_parser().parse_args(argv)
     device = resolve_device(args.gpu_id)
     if args.epochs < 1 or args.batch_size < 1 or not (math.isfinite(args.lr) and args.lr > 0):
-        raise UserError("--epochs, --batch-size and --lr must be positive")
+        raise IntraFusionError("--epochs, --batch-size and --lr must be positive")
     if not 0 < args.momentum < 1 or not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        raise UserError("--momentum must lie in (0, 1) (Nesterov SGD) and --weight-decay be >= 0")
+        raise IntraFusionError("--momentum must lie in (0, 1) (Nesterov SGD) and --weight-decay be >= 0")
     dataset = load_dataset(args.dataset, args.data_dir)
     out = Path(args.out) if args.out else default_checkpoint(args.model_name, args.dataset)
     settings = TrainSettings(args.model_name, args.dataset, args.epochs, args.batch_size, args.lr,
@@ -93,10 +93,10 @@ def group_index(value: str):
 
 
 def main_parser() -> argparse.ArgumentParser:
-    from .data import DATASET_NAMES
+    from .experiments.data import DATASET_NAMES
     from .fusion import FUSION_RULES
     from .importance import CRITERIA
-    from .experiment import GRID_METHODS
+    from .methods import METHOD_NAMES
     from .transport import MARGINALS, TARGETS
     p = _Parser(
         prog="main.py",
@@ -119,7 +119,7 @@ def main_parser() -> argparse.ArgumentParser:
                    help="default models/<model>.checkpoint (cifar10), models/<dataset>/<model>.checkpoint")
     p.add_argument("--fusion-rule", default="fork", help=f"one of {', '.join(FUSION_RULES)}")
     p.add_argument("--methods", nargs="+", default=["default", "intra_fusion"],
-                   help=f"any of {', '.join(GRID_METHODS)}")
+                   help=f"any of {', '.join(METHOD_NAMES)}")
     p.add_argument("--out", default=None, help="CSV path (default results/<model>_<dataset>_<criterion>.csv)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="skip cells already in the CSV (default: on when it exists with this "
@@ -142,8 +142,8 @@ def main_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv) -> int:
-    from .experiment import GridConfig, run_grid
-    from .pruning import FusionSettings
+    from .experiments.grid import GridConfig, run_grid
+    from .groups import FusionSettings
     args = main_parser().parse_args(argv)
     device = resolve_device(args.gpu_id)
     config = GridConfig(
@@ -158,7 +158,7 @@ def _main(argv) -> int:
         finetune_lr=args.finetune_lr)
     results = run_grid(config, progress=not args.quiet and sys.stderr.isatty())
     if args.plot:
-        from .plotting import plot_all
+        from .experiments.plotting import plot_all
         for path in results:
             for png in plot_all(path):
                 print(f"wrote {png}")
@@ -180,7 +180,7 @@ def package_parser() -> argparse.ArgumentParser:
 
 
 def _package(argv) -> int:
-    from .plotting import plot_all
+    from .experiments.plotting import plot_all
     args = package_parser().parse_args(argv)
     for png in plot_all(args.csv, args.out):
         print(f"wrote {png}")

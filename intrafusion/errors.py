@@ -1,5 +1,6 @@
-"""The one exception type the command line turns into a one-line message and exit code 2."""
+"""The one exception type of the library: a ValueError whose message is one line a person can act
+on. The command line prints it as `error: …` and exits with code 2."""
 
 
-class UserError(Exception):
-    """A problem with the user's input or environment, stated so a person can fix it."""
+class IntraFusionError(ValueError):
+    """Bad input (arguments, files, environment), stated so a person can fix it."""

@@ -11,18 +11,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+from .errors import IntraFusionError
+from .fusion import FUSABLE_LAYERS
+
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @torch.no_grad()
 def fold_batchnorm(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Fold `bn` into `layer` in place (same Parameter objects; a bias is created if missing)."""
-    if not isinstance(layer, FOLDABLE_LAYERS) or not isinstance(bn, _BATCHNORMS):
+    if not isinstance(layer, FUSABLE_LAYERS) or not isinstance(bn, _BATCHNORMS):
         raise TypeError(f"cannot fold {type(bn).__name__} into {type(layer).__name__}")
     weight = layer.weight
     if bn.running_mean is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics")
+        raise IntraFusionError("cannot fold a BatchNorm without running statistics")
     gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
     beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
     scale = gamma / torch.sqrt(bn.running_var + bn.eps)
@@ -46,7 +48,7 @@ def conv_bn_pairs(graph) -> list[tuple[nn.Module, nn.Module]]:
         if not isinstance(module, _BATCHNORMS) or len(node.inputs) != 1:
             continue
         producer = node.inputs[0]
-        if isinstance(producer.module, FOLDABLE_LAYERS) and len(producer.outputs) == 1:
+        if isinstance(producer.module, FUSABLE_LAYERS) and len(producer.outputs) == 1:
             if getattr(producer.module, "transposed", False):
                 continue
             pairs.append((producer.module, module))

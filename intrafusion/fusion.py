@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import IntraFusionError
+
 FUSION_RULES = ("fork", "mean", "varfix")
-FUSABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+FUSABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the one list of layers folded, scored and fused
 
 
 @dataclass
@@ -132,12 +134,12 @@ def fusion_maps(T: torch.Tensor, rule: str, features: torch.Tensor | None = None
     if rule == "fork":
         return T, T
     if rule not in ("mean", "varfix"):
-        raise ValueError(f"unknown fusion rule {rule!r}; choose one of {', '.join(FUSION_RULES)}")
+        raise IntraFusionError(f"unknown fusion rule {rule!r}; choose one of {', '.join(FUSION_RULES)}")
     a = T / T.sum(dim=1, keepdim=True).clamp_min(1e-12)
     if rule == "mean":
         return a, T
     if features is None:
-        raise ValueError("the varfix rule needs the channel features")
+        raise IntraFusionError("the varfix rule needs the channel features")
     v = shrinkage(a, features.to(a)).clamp_min(1e-6)
     return a / v.sqrt()[:, None], T
 

@@ -14,10 +14,10 @@ from torch import nn
 
 from .evaluation import run_hooked
 from .fusion import FUSABLE_LAYERS, group_slots
+from .errors import IntraFusionError
 
 CRITERIA = ("l1", "l2", "l_inf", "taylor", "lamp", "random", "chip")
 DATA_CRITERIA = ("taylor", "chip")
-_TARGETS = [nn.modules.conv._ConvNd, nn.Linear]
 
 
 def taylor_gradients(model: nn.Module, batches) -> dict[str, torch.Tensor]:
@@ -98,17 +98,17 @@ class Scorer:
 
     def __init__(self, criterion: str, batches=None, seed: int = 0, cache: bool = True):
         if criterion not in CRITERIA:
-            raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+            raise IntraFusionError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
         if criterion in DATA_CRITERIA and not batches:
-            raise ValueError(f"criterion {criterion!r} needs calibration batches")
+            raise IntraFusionError(f"criterion {criterion!r} needs calibration batches")
         self.criterion = criterion
         self.batches = batches
         self.cache = cache
         self.generator = torch.Generator().manual_seed(seed)
         self._pristine_cache = None
         self._magnitude = {
-            "l1": tp.importance.MagnitudeImportance(p=1, normalizer=None, target_types=_TARGETS),
-            "l2": tp.importance.MagnitudeImportance(p=2, normalizer=None, target_types=_TARGETS),
+            "l1": tp.importance.MagnitudeImportance(p=1, normalizer=None, target_types=FUSABLE_LAYERS),
+            "l2": tp.importance.MagnitudeImportance(p=2, normalizer=None, target_types=FUSABLE_LAYERS),
             "lamp": tp.importance.LAMPImportance(p=2),
         }
 
@@ -135,7 +135,7 @@ class Scorer:
             for name, grad in measured.items():
                 params[name].grad = grad
             try:
-                scores = tp.importance.GroupTaylorImportance(normalizer=None, target_types=_TARGETS)(group)
+                scores = tp.importance.GroupTaylorImportance(normalizer=None, target_types=FUSABLE_LAYERS)(group)
             finally:
                 for name in measured:
                     params[name].grad = None

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import IntraFusionError
+
 TARGETS = ("most_important", "cluster_centroid")
 MARGINALS = ("uniform", "importance")
 
@@ -40,7 +42,7 @@ def cluster_centroids(features: torch.Tensor, k: int, seed: int = 0) -> tuple[to
 
 def _marginal(kind: str, scores: torch.Tensor | None, size: int) -> np.ndarray:
     if kind not in MARGINALS:
-        raise ValueError(f"unknown marginal {kind!r}; choose one of {', '.join(MARGINALS)}")
+        raise IntraFusionError(f"unknown marginal {kind!r}; choose one of {', '.join(MARGINALS)}")
     if kind == "importance" and scores is not None:
         w = scores.detach().double().cpu().numpy().clip(min=0)
         if np.isfinite(w).all() and w.sum() > 0:
@@ -62,7 +64,7 @@ def transport_map(features: torch.Tensor, keep: torch.Tensor, scores: torch.Tens
     each kept channel the centroid receiving most of its mass, so that downstream bookkeeping
     (which original channel a fused channel stands for, e.g. for repair) stays meaningful."""
     if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise IntraFusionError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     x = normalize_rows(features.detach().double())
     n, k = x.shape[0], len(keep)
     if target == "most_important":

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from helpers import write_cifar
-from intrafusion.data import load_dataset
+from intrafusion.experiments.data import load_dataset
 from intrafusion.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

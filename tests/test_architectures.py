@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from helpers import randomize_batchnorms
-from intrafusion.architectures import MLPMixerSmall, MobileNetV2Small, pruner_options
+from intrafusion.models.extra import MLPMixerSmall, MobileNetV2Small, pruner_options
 from intrafusion.importance import Scorer
-from intrafusion.pruning import Pruner, kept_count
+from intrafusion.groups import Pruner, kept_count
 
 MODELS = [MobileNetV2Small, MLPMixerSmall]
 

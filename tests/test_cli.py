@@ -8,7 +8,7 @@ import torch
 
 from helpers import randomize_batchnorms, write_cifar
 from intrafusion.cli import main
-from intrafusion.results import CSV_COLUMNS
+from intrafusion.experiments.results import CSV_COLUMNS
 from intrafusion.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_main_default_output_path(cifar_run, monkeypatch):
     (["--target", "nearest"], "unknown target 'nearest'"),
     (["--fusion-rule", "sum"], "unknown fusion rule 'sum'"),
     (["--sparsities", "1.0"], "sparsity 1.0 outside [0, 1)"),
-    (["--group_idxs", "8"], "group index 8 out of range: vgg11_bn has 8 groups"),
+    (["--group_idxs", "8"], "group index 8 out of range: the model has 8 groups"),
     (["--checkpoint", "missing.checkpoint"], "checkpoint missing.checkpoint not found"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(cifar_run, capsys, args, message, monkeypatch):

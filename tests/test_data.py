@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers import write_cifar
-from intrafusion import data
-from intrafusion.data import augment, load_dataset, train_batches
-from intrafusion.errors import UserError
+from intrafusion.experiments import data
+from intrafusion.experiments.data import augment, load_dataset, train_batches
+from intrafusion.errors import IntraFusionError
 
 
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
@@ -38,24 +38,24 @@ def test_cifar_archive_with_bad_checksum_is_refused(tmp_path):
     write_cifar(src)
     with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    with pytest.raises(UserError, match="checksum"):
+    with pytest.raises(IntraFusionError, match="checksum"):
         load_dataset("cifar10", tmp_path, download=False)
 
 
 def test_missing_cifar_offline_names_where_to_put_it(tmp_path):
-    with pytest.raises(UserError, match="cifar-10-batches-py"):
+    with pytest.raises(IntraFusionError, match="cifar-10-batches-py"):
         load_dataset("cifar10", tmp_path, download=False)
 
 
 def test_corrupt_cifar_batch(tmp_path):
     folder = write_cifar(tmp_path)
     (folder / "data_batch_3").write_bytes(b"not a pickle")
-    with pytest.raises(UserError, match="corrupt dataset file"):
+    with pytest.raises(IntraFusionError, match="corrupt dataset file"):
         load_dataset("cifar10", tmp_path, download=False)
 
 
 def test_unknown_dataset():
-    with pytest.raises(UserError, match="unknown dataset"):
+    with pytest.raises(IntraFusionError, match="unknown dataset"):
         load_dataset("mnist3d")
 
 
@@ -78,13 +78,13 @@ def test_fashion_mnist_is_padded_normalized_and_three_channel(tmp_path):
 @needs_fmnist
 def test_corrupt_fashion_mnist_file_in_data_dir(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0" * 10008))
-    with pytest.raises(UserError, match="checksum"):
+    with pytest.raises(IntraFusionError, match="checksum"):
         load_dataset("fashion-mnist", tmp_path, download=False)
 
 
 def test_missing_fashion_mnist_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", tmp_path / "nowhere")
-    with pytest.raises(UserError, match="dataset-fashion-mnist"):
+    with pytest.raises(IntraFusionError, match="dataset-fashion-mnist"):
         load_dataset("fashion-mnist", tmp_path, download=False)
 
 

@@ -10,7 +10,7 @@ import torch
 from helpers import TinyVGG, randomize_batchnorms
 from intrafusion.fusion import FUSION_RULES
 from intrafusion.importance import CRITERIA, Scorer
-from intrafusion.pruning import FusionSettings, Pruner
+from intrafusion.groups import FusionSettings, Pruner
 from intrafusion.transport import MARGINALS, TARGETS
 
 SETTINGS = [FusionSettings(target, marginal, marginal, 1.0, rule)

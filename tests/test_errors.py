@@ -11,10 +11,10 @@ import torch
 
 from grid_env import calibrated_model, make_env, read_rows, save_checkpoint
 from helpers import write_cifar
-from intrafusion import data as data_module
-from intrafusion.checkpoints import load_tensors
+from intrafusion.experiments import data as data_module
+from intrafusion.experiments.checkpoints import load_tensors
 from intrafusion.cli import main, train_main
-from intrafusion.errors import UserError
+from intrafusion.errors import IntraFusionError
 from intrafusion.models import build_model
 
 
@@ -57,11 +57,11 @@ def fails(capsys, args, message, out):
 @pytest.mark.parametrize("size", [1, 7, 64, 4096])
 def test_arbitrary_bytes_are_never_a_traceback(tmp_path, size):
     """Unpickling random bytes fails with IndexError, struct.error, UnpicklingError, ...: each
-    becomes the same UserError."""
+    becomes the same IntraFusionError."""
     path = tmp_path / "garbage.ckpt"
     for seed in range(150):
         path.write_bytes(random.Random(seed * 10_000 + size).randbytes(size))
-        with pytest.raises(UserError, match=r"is not a readable checkpoint \((not a file saved by "
+        with pytest.raises(IntraFusionError, match=r"is not a readable checkpoint \((not a file saved by "
                                             r"torch.save|the file is empty or truncated)"):
             load_tensors(path, "hint")
 
@@ -87,8 +87,8 @@ def base(env, tmp_path):
     (["--sparsities", "-0.1"], "sparsity -0.1 outside [0, 1)"),
     (["--sparsities", "nan"], "sparsity nan outside [0, 1)"),
     (["--sparsities", "0.99"], "sparsity 0.99 would leave group 7 (64 channels) with no channel"),
-    (["--group_idxs", "8"], "group index 8 out of range: vgg11_bn has 8 groups (0..7)"),
-    (["--group_idxs", "-1"], "group index -1 out of range: vgg11_bn has 8 groups"),
+    (["--group_idxs", "8"], "group index 8 out of range: the model has 8 groups (0..7)"),
+    (["--group_idxs", "-1"], "group index -1 out of range: the model has 8 groups"),
     (["--group_idxs"], "no group given: pass at least one index to --group_idxs"),
     (["--sparsities"], "no sparsity given: pass at least one value to --sparsities"),
     (["--sparsities", "half"], "argument --sparsities: invalid float value: 'half' (see main.py --help)"),
@@ -124,7 +124,7 @@ def test_checkpoints_are_loaded_with_weights_only(env, monkeypatch):
     seen = []
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("weights_only")) or real(*a, **k))
-    from intrafusion.checkpoints import read_checkpoint
+    from intrafusion.experiments.checkpoints import read_checkpoint
     read_checkpoint(env[1])
     assert seen == [True]
 

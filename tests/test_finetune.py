@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from helpers import write_cifar
-from intrafusion.architectures import MobileNetV2Small
-from intrafusion.data import load_dataset
-from intrafusion.training import finetune
+from intrafusion.models.extra import MobileNetV2Small
+from intrafusion.experiments.data import load_dataset
+from intrafusion.experiments.training import finetune
 from intrafusion.importance import Scorer
-from intrafusion.pruning import Pruner
+from intrafusion.groups import Pruner
 
 
 @pytest.fixture()

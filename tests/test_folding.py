@@ -4,7 +4,7 @@ from torch import nn
 
 from helpers import TinyResNet, TinyVGG, randomize_batchnorms
 from intrafusion.folding import fold_batchnorm
-from intrafusion.pruning import Pruner
+from intrafusion.groups import Pruner
 
 
 @pytest.mark.parametrize("layer,bn,shape", [

@@ -6,7 +6,7 @@ from helpers import TinyResNet, TinyVGG, randomize_batchnorms
 from intrafusion.fusion import channel_features, fusion_maps, group_slots
 from intrafusion.importance import Scorer
 from intrafusion.models import build_model
-from intrafusion.pruning import FusionSettings, Pruner
+from intrafusion.groups import FusionSettings, Pruner
 from intrafusion.transport import transport_map
 
 

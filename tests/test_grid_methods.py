@@ -4,9 +4,9 @@ import torch
 
 from helpers import randomize_batchnorms, write_cifar
 from intrafusion.cli import main
-from intrafusion.experiment import GridConfig, method_recipe
-from intrafusion.pruning import FusionSettings
-from intrafusion.results import read_table
+from intrafusion.groups import FusionSettings
+from intrafusion.methods import METHOD_NAMES, get_method
+from intrafusion.experiments.results import read_table
 from intrafusion.models import build_model
 
 
@@ -52,12 +52,16 @@ def test_rerun_adds_nothing(run, capsys):
     assert "epoch 2" in capsys.readouterr().out
 
 
-def test_method_recipes():
+def test_method_descriptions():
     fusion = FusionSettings(rule="mean")
-    assert method_recipe("default_repair", fusion) == ("default", fusion, True)
-    assert method_recipe("intra_fusion", fusion) == ("intra_fusion", fusion, False)
-    name, varfix, repair = method_recipe("intra_fusion_varfix_repair", fusion)
-    assert (name, varfix.rule, repair) == ("intra_fusion", "varfix", True)
+    described = {n: (get_method(n).pruning, get_method(n).fusion(fusion).rule, get_method(n).repair)
+                 for n in METHOD_NAMES}
+    assert described == {"default": ("default", "mean", False),
+                         "intra_fusion": ("intra_fusion", "mean", False),
+                         "default_repair": ("default", "mean", True),
+                         "intra_fusion_repair": ("intra_fusion", "mean", True),
+                         "intra_fusion_varfix": ("intra_fusion", "varfix", False),
+                         "intra_fusion_varfix_repair": ("intra_fusion", "varfix", True)}
 
 
 def test_unknown_method_and_group_are_one_line_errors(run, capsys):
@@ -66,4 +70,3 @@ def test_unknown_method_and_group_are_one_line_errors(run, capsys):
     assert main(args[:args.index("--group_idxs") + 1] + ["first"] + args[args.index("--sparsities"):]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "unknown method 'foo'" in err[0] and "first" in err[1]
-    assert GridConfig().methods == ("default", "intra_fusion")

@@ -2,7 +2,7 @@ import torch
 
 from helpers import TinyResNet
 from intrafusion.models import build_model
-from intrafusion.pruning import Pruner
+from intrafusion.groups import Pruner
 
 
 def layers_of(pruner):

@@ -4,7 +4,7 @@ import torch
 from helpers import TinyResNet, TinyVGG, randomize_batchnorms
 from intrafusion import importance
 from intrafusion.importance import CRITERIA, Scorer, channel_independence, feature_matrices
-from intrafusion.pruning import Pruner, kept_count
+from intrafusion.groups import Pruner, kept_count
 
 
 def make_pruner(make=TinyVGG, seed=0):

@@ -7,10 +7,10 @@ from matplotlib.image import imread
 
 from grid_env import ROOT, make_env
 from intrafusion.cli import main, package_main
-from intrafusion.errors import UserError
-from intrafusion.plotting import draw, draw_finetune, plot_all
-from intrafusion.report import summary_table
-from intrafusion.results import CsvLog, read_table
+from intrafusion.errors import IntraFusionError
+from intrafusion.experiments.plotting import draw, draw_finetune, plot_all
+from intrafusion.experiments.report import summary_table
+from intrafusion.experiments.results import CsvLog, read_table
 
 BASE = dict(model="vgg11_bn", dataset="cifar10", fusion_rule="fork", target="most_important",
             source_prob="uniform", target_prob="uniform", p=1.0, checkpoint_sha256="ab",
@@ -160,7 +160,7 @@ def test_plot_errors_are_one_line(tmp_path, capsys, content, message):
 def test_plot_into_an_unwritable_place(tmp_path):
     csv = write_csv(tmp_path / "x.csv", grid_rows())
     (tmp_path / "file").write_text("")
-    with pytest.raises(UserError, match="cannot write .*file is not a directory"):
+    with pytest.raises(IntraFusionError, match="cannot write .*file is not a directory"):
         plot_all(csv, tmp_path / "file" / "x.png")[0]
     plot_all(csv, tmp_path / "new" / "x.png")[0]
     assert (tmp_path / "new" / "x.png").is_file()

@@ -4,8 +4,8 @@ import torch
 from helpers import TinyVGG, randomize_batchnorms
 from intrafusion.importance import Scorer
 from intrafusion.models import build_model
-from intrafusion.prefix import GridEvaluator, first_changed_segment, model_segments, segment_of
-from intrafusion.pruning import Pruner
+from intrafusion.experiments.prefix import GridEvaluator, first_changed_segment, model_segments, segment_of
+from intrafusion.groups import Pruner
 
 
 def setup(name, n=48, seed=0):

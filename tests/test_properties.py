@@ -7,7 +7,7 @@ from torch import nn
 from helpers import randomize_batchnorms
 from intrafusion.fusion import FUSION_RULES, group_slots
 from intrafusion.importance import Scorer
-from intrafusion.pruning import METHODS, FusionSettings, Pruner, kept_count
+from intrafusion.groups import PRUNING, FusionSettings, Pruner, kept_count
 from intrafusion.transport import TARGETS
 
 SIZE, CLASSES = 8, 5
@@ -104,7 +104,7 @@ def out_channels(pruner: Pruner, index: int) -> set[int]:
 
 
 @PROPERTY
-@given(networks(), fusions, st.sampled_from(METHODS), st.floats(0, 0.9), st.data())
+@given(networks(), fusions, st.sampled_from(PRUNING), st.floats(0, 0.9), st.data())
 def test_pruned_network_runs_with_the_kept_channel_counts(pruner, fusion, method, sparsity, data):
     chosen = data.draw(st.lists(st.sampled_from(range(len(pruner.groups))), min_size=1,
                                 max_size=3, unique=True))
@@ -121,7 +121,7 @@ def test_pruned_network_runs_with_the_kept_channel_counts(pruner, fusion, method
 
 
 @PROPERTY
-@given(networks(), fusions, st.sampled_from(METHODS))
+@given(networks(), fusions, st.sampled_from(PRUNING))
 def test_sparsity_zero_leaves_the_outputs_unchanged(pruner, fusion, method):
     expected = outputs(pruner)
     pruner.prune(range(len(pruner.groups)), 0.0, method, Scorer("l2"), fusion)

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from helpers import TinyResNet, TinyVGG, randomize_batchnorms
-from intrafusion.architectures import MLPMixerSmall, MobileNetV2Small, pruner_options
+from intrafusion.models.extra import MLPMixerSmall, MobileNetV2Small, pruner_options
 from intrafusion.importance import Scorer
-from intrafusion.pruning import Pruner
+from intrafusion.groups import Pruner
 from intrafusion.repair import (affine_correction, channel_moments, constant_channels, correct_layer,
                                 execution_order, layer_statistics, layers_to_repair, merge_moments,
                                 reference_statistics, repair, repair_pruned)

@@ -1,5 +1,5 @@
 """The end-of-run tables: methods, group "all", the best method, fine-tuning rows."""
-from intrafusion.report import finetune_table, summary_table
+from intrafusion.experiments.report import finetune_table, summary_table
 
 
 def row(group, sparsity, method, accuracy, epoch=0, criterion="l1"):

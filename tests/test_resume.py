@@ -11,8 +11,8 @@ import torch
 
 from grid_env import ROOT, calibrated_model, cells, make_env, read_rows, save_checkpoint, without_timing
 from intrafusion.cli import main
-from intrafusion.errors import UserError
-from intrafusion.results import CSV_COLUMNS, CsvLog, previous_rows
+from intrafusion.errors import IntraFusionError
+from intrafusion.experiments.results import CSV_COLUMNS, CsvLog, previous_rows
 
 GRID = ["--group_idxs", "6", "7", "--sparsities", "0.3", "0.5", "0.7"]  # 12 quick cells
 
@@ -211,7 +211,7 @@ def test_csv_log_rolls_back_a_failed_write(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "write", half_then_full)
-    with pytest.raises(UserError, match="disk full while writing .*x.csv"):
+    with pytest.raises(IntraFusionError, match="disk full while writing .*x.csv"):
         log.write({"model": "m", "method": "default"})
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -232,7 +232,7 @@ def test_previous_rows_of_a_fresh_or_header_only_file(tmp_path):
 
 
 def test_progress_bar_only_when_asked(env, tmp_path, capsys):
-    from intrafusion.experiment import GridConfig, run_grid
+    from intrafusion.experiments.grid import GridConfig, run_grid
     data, ckpt, _ = env
     config = GridConfig(data_dir=str(data), checkpoint=ckpt, group_idxs=(7,), sparsities=(0.3,),
                         methods=("default",), out=tmp_path / "a.csv")

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from intrafusion import data
-from intrafusion.checkpoints import MODELS_ZIP, load_weights
-from intrafusion.data import load_dataset
+from intrafusion.experiments import data
+from intrafusion.experiments.checkpoints import MODELS_ZIP, load_weights
+from intrafusion.experiments.data import load_dataset
 from intrafusion.evaluation import accuracy
 from intrafusion.models import build_model
 

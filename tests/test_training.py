@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from helpers import write_cifar
-from intrafusion import training
-from intrafusion.data import load_dataset
-from intrafusion.errors import UserError
-from intrafusion.training import TrainSettings, new_model, train
+from intrafusion.experiments import training
+from intrafusion.experiments.data import load_dataset
+from intrafusion.errors import IntraFusionError
+from intrafusion.experiments.training import TrainSettings, new_model, train
 
 
 @pytest.fixture()
@@ -64,5 +64,5 @@ def test_resume_with_other_settings_is_refused(tiny):
     tmp, ds, settings = tiny
     train(fresh(), ds, settings, tmp / "x.checkpoint", quiet=True)
     other = TrainSettings("vgg11", "cifar10", epochs=3, batch_size=16, lr=0.01)
-    with pytest.raises(UserError, match="other training settings"):
+    with pytest.raises(IntraFusionError, match="other training settings"):
         train(fresh(), ds, other, tmp / "x.checkpoint", quiet=True)

@@ -7,7 +7,7 @@ from torch import nn
 from helpers import TinyVGG, randomize_batchnorms
 from intrafusion.fusion import FUSION_RULES, fusion_maps, shrinkage
 from intrafusion.importance import Scorer
-from intrafusion.pruning import FusionSettings, Pruner
+from intrafusion.groups import FusionSettings, Pruner
 
 
 def test_varfix_is_a_fusion_rule_and_needs_features():

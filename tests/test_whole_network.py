@@ -5,7 +5,7 @@ from torch import nn
 from helpers import TinyResNet, TinyVGG, randomize_batchnorms
 from intrafusion.importance import Scorer
 from intrafusion.models import build_model
-from intrafusion.pruning import Pruner, count_macs_params, kept_count
+from intrafusion.groups import Pruner, count_macs_params, kept_count
 
 
 def out_width(module):

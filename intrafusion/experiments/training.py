@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from .checkpoints import load_tensors
 from .data import Dataset, train_batches
-from .errors import UserError
-from .evaluation import accuracy
-from .models import build_model
+from ..errors import IntraFusionError
+from ..evaluation import accuracy
+from ..models import build_model
 from .storage import atomic_write, check_writable
 
 
@@ -65,11 +65,11 @@ _STATE_KEYS = {"settings", "model", "optimizer", "scheduler", "generator", "epoc
 
 
 def read_state(path: Path) -> dict:
-    """The resume state at `path` (loaded with weights_only=True); UserError if unusable."""
+    """The resume state at `path` (loaded with weights_only=True); IntraFusionError if unusable."""
     hint = "delete it to start training over"
     state = load_tensors(path, hint)
     if not isinstance(state, dict) or not _STATE_KEYS <= set(state):
-        raise UserError(f"{path} is not a training state of train.py; {hint}")
+        raise IntraFusionError(f"{path} is not a training state of train.py; {hint}")
     return state
 
 
@@ -110,7 +110,7 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, checkpoin
     if state_path.is_file():
         state = read_state(state_path)
         if state["settings"] != dataclasses.asdict(settings):
-            raise UserError(f"{state_path} was written with other training settings; delete it "
+            raise IntraFusionError(f"{state_path} was written with other training settings; delete it "
                             "or train with the same settings to resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -7,17 +7,17 @@ one line per method (and criterion), the unpruned accuracy as a dashed line. The
 from __future__ import annotations
 
 import math
-import os
+import io
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .errors import UserError
+from ..errors import IntraFusionError
 from .report import FT, base_method
 from .results import read_table
-from .storage import check_writable, write_failure
+from .storage import atomic_write, check_writable
 
 _NEEDED = {"criterion", "group", "sparsity", "method", "accuracy"}
 _LABELS = {"default": "default", "intra_fusion": "Intra-Fusion",
@@ -131,7 +131,7 @@ def draw(rows: list[dict]) -> Figure:
     """A figure with one subplot per group of the typed result rows (shared accuracy axis)."""
     series = _series(rows)
     if not series:
-        raise UserError("nothing to plot: the CSV holds no pruned cell yet")
+        raise IntraFusionError("nothing to plot: the CSV holds no pruned cell yet")
     groups = sorted({g for per_group in series.values() for g in per_group}, key=group_order)
     criteria = list(dict.fromkeys(c for c, _ in series))
     styles, unpruned = _styles(rows), _unpruned(rows)
@@ -168,16 +168,9 @@ def draw_finetune(rows: list[dict]) -> Figure | None:
 
 
 def _save(fig: Figure, png: Path) -> None:
-    """Write the figure atomically (a temporary file, then a rename)."""
-    tmp = png.with_name(png.name + ".tmp")
-    try:
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, png)
-    except OSError as exc:
-        if tmp.exists():
-            tmp.unlink()
-        raise write_failure(png, exc, "rerun the plot command") from None
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write(png, buffer.getvalue(), "rerun the plot command")
 
 
 def plot_all(csv_path: Path | str, png_path: Path | str | None = None) -> list[Path]:
@@ -185,10 +178,10 @@ def plot_all(csv_path: Path | str, png_path: Path | str | None = None) -> list[P
     "+ft" rows, the fine-tuning plot into `<png stem>_finetune.png` beside that; the paths written."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise UserError(f"{csv_path} not found: pass a CSV written by main.py")
+        raise IntraFusionError(f"{csv_path} not found: pass a CSV written by main.py")
     header, rows = read_table(csv_path)
     if header is None or not _NEEDED <= set(header):
-        raise UserError(f"{csv_path} is not a results CSV of main.py (columns "
+        raise IntraFusionError(f"{csv_path} is not a results CSV of main.py (columns "
                         f"{', '.join(sorted(_NEEDED))} needed)")
     png = Path(png_path) if png_path else csv_path.with_suffix(".png")
     figures = {png: draw(rows)}

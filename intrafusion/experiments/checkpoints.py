@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import IntraFusionError
 
 MODELS_ZIP = Path("models.zip")
 
@@ -32,7 +32,7 @@ def ensure_unzipped(path: Path, archive: Path = MODELS_ZIP) -> None:
             if member in zf.namelist():
                 zf.extract(member, ".")
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
-        raise UserError(f"cannot extract {member} from {archive} ({exc}); fetch {archive} again "
+        raise IntraFusionError(f"cannot extract {member} from {archive} ({exc}); fetch {archive} again "
                         "or pass --checkpoint") from None
 
 
@@ -61,7 +61,7 @@ def _unreadable(exc: Exception, path: Path) -> str:
 
 
 def load_tensors(path: Path, hint: str):
-    """torch.load(path, weights_only=True) onto the CPU, without warnings; a UserError ending in
+    """torch.load(path, weights_only=True) onto the CPU, without warnings; a IntraFusionError ending in
     `hint` when the file cannot be read that way. Any exception counts: unpickling arbitrary bytes
     raises arbitrary ones (IndexError, struct.error, ...)."""
     try:
@@ -70,39 +70,39 @@ def load_tensors(path: Path, hint: str):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # any failure to read the file means a bad file
         why = _unreadable(exc, path)
-        raise UserError(f"{path} is not a readable checkpoint ({why}); {hint}") from None
+        raise IntraFusionError(f"{path} is not a readable checkpoint ({why}); {hint}") from None
 
 
 def read_checkpoint(path: Path) -> dict:
-    """Load a checkpoint dict with weights_only=True; UserError if it is not a checkpoint."""
+    """Load a checkpoint dict with weights_only=True; IntraFusionError if it is not a checkpoint."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: train one with train.py or pass --checkpoint")
+        raise IntraFusionError(f"checkpoint {path} not found: train one with train.py or pass --checkpoint")
     hint = "pass a checkpoint written by train.py or the authors' models/<name>.checkpoint"
     data = load_tensors(path, hint)
     if not isinstance(data, dict) or "model_state_dict" not in data:
-        raise UserError(f"{path} is not a checkpoint: expected a dict with 'model_state_dict'; {hint}")
+        raise IntraFusionError(f"{path} is not a checkpoint: expected a dict with 'model_state_dict'; {hint}")
     if not isinstance(data["model_state_dict"], dict):
-        raise UserError(f"{path} is not a checkpoint: 'model_state_dict' is not a state dict; {hint}")
+        raise IntraFusionError(f"{path} is not a checkpoint: 'model_state_dict' is not a state dict; {hint}")
     return data
 
 
 def load_weights(model: nn.Module, state: dict, source: Path | str) -> None:
-    """Strictly load `state` into `model`; UserError naming the first mismatching key."""
+    """Strictly load `state` into `model`; IntraFusionError naming the first mismatching key."""
     expected = model.state_dict()
     for key in expected:
         if key not in state:
-            raise UserError(f"{source} does not match the model: key {key!r} missing "
+            raise IntraFusionError(f"{source} does not match the model: key {key!r} missing "
                             "(wrong architecture?)")
         if not isinstance(state[key], torch.Tensor):
-            raise UserError(f"{source} does not match the model: key {key!r} is a "
+            raise IntraFusionError(f"{source} does not match the model: key {key!r} is a "
                             f"{type(state[key]).__name__}, not a tensor")
         if tuple(state[key].shape) != tuple(expected[key].shape):
-            raise UserError(f"{source} does not match the model: key {key!r} has shape "
+            raise IntraFusionError(f"{source} does not match the model: key {key!r} has shape "
                             f"{tuple(state[key].shape)}, expected {tuple(expected[key].shape)} "
                             "(wrong architecture or number of classes?)")
     for key in state:
         if key not in expected:
-            raise UserError(f"{source} does not match the model: unexpected key {key!r} "
+            raise IntraFusionError(f"{source} does not match the model: unexpected key {key!r} "
                             "(wrong architecture?)")
     model.load_state_dict(state, strict=True)

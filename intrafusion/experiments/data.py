@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import IntraFusionError
 from .storage import file_digest
 
 DATASET_NAMES = ("cifar10", "cifar100", "fashion-mnist")
@@ -109,7 +109,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
         return _load_cifar(name, root, download)
     if name == "fashion-mnist":
         return _load_fashion_mnist(root, download)
-    raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    raise IntraFusionError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 
 def _download(url: str, target: Path) -> None:
@@ -128,22 +128,22 @@ def _load_cifar(name: str, root: Path, download: bool) -> Dataset:
         archive = root / Path(spec["url"]).name
         if not archive.is_file():
             if not download:
-                raise UserError(f"{name} not found: put the python-pickle batches in {folder}/ "
+                raise IntraFusionError(f"{name} not found: put the python-pickle batches in {folder}/ "
                                 f"or {archive.name} in {root}/")
             try:
                 _download(spec["url"], archive)
             except (OSError, http.client.HTTPException) as exc:
-                raise UserError(f"{name} not found and download failed ({exc}): put the files "
+                raise IntraFusionError(f"{name} not found and download failed ({exc}): put the files "
                                 f"from {spec['url']} in {root}/ (unpacked to {folder}/)") from None
         if file_digest(archive, "md5") != spec["md5"]:
-            raise UserError(f"corrupt dataset file {archive}: md5 checksum mismatch; delete it "
+            raise IntraFusionError(f"corrupt dataset file {archive}: md5 checksum mismatch; delete it "
                             f"and download {spec['url']} again")
         try:
             with tarfile.open(archive) as tar:
                 # the md5-checked official archive; the "data" filter where Python has it (3.11.4+)
                 tar.extractall(root, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         except (OSError, tarfile.TarError) as exc:
-            raise UserError(f"could not unpack {archive} into {root} ({exc}); free some space or "
+            raise IntraFusionError(f"could not unpack {archive} into {root} ({exc}); free some space or "
                             f"unpack it yourself to {folder}/") from None
     train = [_read_cifar_batch(folder / f, spec["label_key"]) for f in spec["train"]]
     test = [_read_cifar_batch(folder / f, spec["label_key"]) for f in spec["test"]]
@@ -161,10 +161,10 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch
         labels = np.asarray(entry[label_key], dtype=np.int64)
         images = data.reshape(-1, 3, 32, 32)
     except Exception as exc:  # any failure to parse means the file is not a CIFAR batch
-        raise UserError(f"corrupt dataset file {path}: {type(exc).__name__}: {exc}; "
+        raise IntraFusionError(f"corrupt dataset file {path}: {type(exc).__name__}: {exc}; "
                         "delete it and download the dataset again") from None
     if len(images) != len(labels):
-        raise UserError(f"corrupt dataset file {path}: {len(images)} images but "
+        raise IntraFusionError(f"corrupt dataset file {path}: {len(images)} images but "
                         f"{len(labels)} labels")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels)
 
@@ -177,21 +177,21 @@ def _fashion_mnist_payload(stem: str, root: Path, download: bool) -> bytes:
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         if not download:
-            raise UserError(f"fashion-mnist file {stem}.gz not found: put it in {root}/ or "
+            raise IntraFusionError(f"fashion-mnist file {stem}.gz not found: put it in {root}/ or "
                             f"install the Debian package dataset-fashion-mnist")
         path = candidates[0]
         try:
             _download(_FMNIST_URL + f"{stem}.gz", path)
         except (OSError, http.client.HTTPException) as exc:
-            raise UserError(f"fashion-mnist file {stem}.gz not found and download failed ({exc}):"
+            raise IntraFusionError(f"fashion-mnist file {stem}.gz not found and download failed ({exc}):"
                             f" put it in {root}/ or run `apt-get install dataset-fashion-mnist`"
                             ) from None
     try:
         payload = gzip.decompress(path.read_bytes())
     except (OSError, EOFError, zlib.error) as exc:
-        raise UserError(f"corrupt dataset file {path}: {exc}; delete it and fetch it again") from None
+        raise IntraFusionError(f"corrupt dataset file {path}: {exc}; delete it and fetch it again") from None
     if len(payload) != size or hashlib.sha256(payload).hexdigest() != sha:
-        raise UserError(f"corrupt dataset file {path}: size or sha256 checksum mismatch; delete it "
+        raise IntraFusionError(f"corrupt dataset file {path}: size or sha256 checksum mismatch; delete it "
                         "and fetch it again")
     return payload
 

@@ -12,7 +12,7 @@ import io
 import os
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import IntraFusionError
 from .storage import write_failure
 
 CSV_COLUMNS = ["model", "dataset", "criterion", "group", "sparsity", "method", "accuracy", "params",
@@ -57,7 +57,7 @@ def _records(path: Path) -> list[list[str]]:
     try:
         text = _complete_bytes(path).decode("utf-8", errors="replace")
     except OSError as exc:
-        raise UserError(f"cannot read {path} ({exc.strerror})") from None
+        raise IntraFusionError(f"cannot read {path} ({exc.strerror})") from None
     return list(csv.reader(io.StringIO(text)))
 
 
@@ -66,12 +66,12 @@ def _typed(header: list[str], records: list[list[str]], path: Path) -> list[dict
     rows = []
     for line, values in enumerate(records, start=2):
         if len(values) != len(header):
-            raise UserError(f"{path} line {line} has {len(values)} fields, the header "
+            raise IntraFusionError(f"{path} line {line} has {len(values)} fields, the header "
                             f"{len(header)}; fix or delete that line")
         try:
             rows.append({k: _TYPES[k](v) if k in _TYPES else v for k, v in zip(header, values)})
         except ValueError:
-            raise UserError(f"{path} line {line} is not a result row; fix or delete that line") from None
+            raise IntraFusionError(f"{path} line {line} is not a result row; fix or delete that line") from None
     return rows
 
 
@@ -103,16 +103,16 @@ def previous_rows(path: Path | str, settings: dict, resume: bool | None = None,
     if not records:
         return []
     if records[0] != CSV_COLUMNS:
-        raise UserError(f"{path} exists but is not a results CSV of this version (other columns); "
+        raise IntraFusionError(f"{path} exists but is not a results CSV of this version (other columns); "
                         "pass --overwrite to replace it or choose another --out")
     rows = _typed(CSV_COLUMNS, records[1:], path)
     if rows and resume is False:
-        raise UserError(f"{path} already holds {len(rows)} result rows; rerun with --resume to "
+        raise IntraFusionError(f"{path} already holds {len(rows)} result rows; rerun with --resume to "
                         "continue it or --overwrite to replace it")
     for row in rows:
         for column in COMPARABLE:
             if row[column] != settings[column]:
-                raise UserError(
+                raise IntraFusionError(
                     f"{path} holds rows computed with {column}={_short(row[column])} but this run "
                     f"has {column}={_short(settings[column])}, so they are not comparable; pass "
                     "--overwrite to replace them or choose another --out")
@@ -121,7 +121,7 @@ def previous_rows(path: Path | str, settings: dict, resume: bool | None = None,
 
 class CsvLog:
     """Appends rows to a results CSV, each as a single write that is fsynced at once, so a crash
-    loses no finished row; a write that fails (disk full) is cut back off and raises UserError.
+    loses no finished row; a write that fails (disk full) is cut back off and raises IntraFusionError.
 
     fresh=True starts the file over; otherwise a partial last line is removed before appending."""
 

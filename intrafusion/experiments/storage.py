@@ -1,5 +1,5 @@
 """Output files a person can trust: refuse unwritable places before any work, and turn a failed
-write (disk full, permissions) into a UserError that says what to do."""
+write (disk full, permissions) into a IntraFusionError that says what to do."""
 from __future__ import annotations
 
 import errno
@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import IntraFusionError
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -21,37 +21,37 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_writable(path: Path | str) -> None:
-    """UserError unless file `path` can be created (with its folders) or appended to.
+    """IntraFusionError unless file `path` can be created (with its folders) or appended to.
 
     Creates nothing: the folder is probed with an anonymous temporary file."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a directory; give a file name")
+        raise IntraFusionError(f"cannot write {path}: it is a directory; give a file name")
     folder = _nearest_existing(path)
     if not folder.is_dir():
-        raise UserError(f"cannot write {path}: {folder} is not a directory; choose another path")
+        raise IntraFusionError(f"cannot write {path}: {folder} is not a directory; choose another path")
     try:
         if path.exists():
             open(path, "ab").close()
         else:
             tempfile.TemporaryFile(dir=folder).close()
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {folder} is not writable ({exc.strerror}); "
+        raise IntraFusionError(f"cannot write {path}: {folder} is not writable ({exc.strerror}); "
                         "fix its permissions or choose another path") from None
 
 
-def write_failure(path: Path | str, exc: OSError, hint: str) -> UserError:
-    """The UserError for an OSError raised while writing `path`; `hint` says how to go on."""
+def write_failure(path: Path | str, exc: OSError, hint: str) -> IntraFusionError:
+    """The IntraFusionError for an OSError raised while writing `path`; `hint` says how to go on."""
     if exc.errno in _NO_SPACE:
-        return UserError(f"disk full while writing {path} ({exc.strerror}): free some space, "
+        return IntraFusionError(f"disk full while writing {path} ({exc.strerror}): free some space, "
                          f"then {hint}")
-    return UserError(f"could not write {path} ({exc.strerror or exc}): {hint}")
+    return IntraFusionError(f"could not write {path} ({exc.strerror or exc}): {hint}")
 
 
 def atomic_write(path: Path | str, data: bytes, hint: str) -> None:
     """Write `data` to a temporary file, fsync, then rename it over `path`: readers see the old
     file or the new one, never half of one. A failed write (disk full) leaves `path` as it was
-    and raises UserError ending in `hint` (what to do next)."""
+    and raises IntraFusionError ending in `hint` (what to do next)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:

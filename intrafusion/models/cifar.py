@@ -19,6 +19,10 @@ VGG_CONFIGS = {
 }
 
 
+def _module_step(name: str):
+    return lambda model, x: model.get_submodule(name)(x)
+
+
 class VGG(nn.Module):
     """VGG for 32×32 inputs: conv(3×3)[/BN]/ReLU blocks with max-pooling, one Linear classifier."""
 
@@ -40,6 +44,13 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
+
+    def segments(self) -> list:
+        """The chain (module names, fn(model, x)) whose composition is forward: each `features`
+        module, then the classifier (see experiments/prefix.py)."""
+        segs = [((f"features.{i}",), _module_step(f"features.{i}")) for i in range(len(self.features))]
+        segs.append((("classifier",), lambda m, x: m.classifier(torch.flatten(x, 1))))
+        return segs
 
 
 class BasicBlock(nn.Module):
@@ -113,22 +124,12 @@ class ResNet(nn.Module):
         out = F.adaptive_avg_pool2d(out, 1)
         return self.linear(torch.flatten(out, 1))
 
-
-_BUILDERS = {
-    "vgg11": lambda c: VGG(VGG_CONFIGS["vgg11"], c, batch_norm=False),
-    "vgg11_bn": lambda c: VGG(VGG_CONFIGS["vgg11"], c),
-    "vgg13_bn": lambda c: VGG(VGG_CONFIGS["vgg13"], c),
-    "vgg16_bn": lambda c: VGG(VGG_CONFIGS["vgg16"], c),
-    "vgg19_bn": lambda c: VGG(VGG_CONFIGS["vgg19"], c),
-    "resnet18": lambda c: ResNet(BasicBlock, [2, 2, 2, 2], c),
-    "resnet34": lambda c: ResNet(BasicBlock, [3, 4, 6, 3], c),
-    "resnet50": lambda c: ResNet(Bottleneck, [3, 4, 6, 3], c),
-}
-MODEL_NAMES = tuple(_BUILDERS)
-
-
-def build_model(name: str, num_classes: int = 10) -> nn.Module:
-    """Return a freshly initialised model `name` (one of MODEL_NAMES) with `num_classes` outputs."""
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model name {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    return _BUILDERS[name](num_classes)
+    def segments(self) -> list:
+        """The chain (module names, fn(model, x)) whose composition is forward: stem, each
+        residual block, head (see experiments/prefix.py)."""
+        segs = [(("conv1", "bn1"), lambda m, x: F.relu(m.bn1(m.conv1(x))))]
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            segs += [((f"{stage}.{i}",), _module_step(f"{stage}.{i}"))
+                     for i in range(len(self.get_submodule(stage)))]
+        segs.append((("linear",), lambda m, x: m.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))))
+        return segs

@@ -25,8 +25,9 @@ from .fusion import (FUSABLE_LAYERS, channel_features, fuse_slots, fusion_maps, 
                      index_pruned_layers)
 from .importance import Scorer
 from .transport import transport_map
+from .errors import IntraFusionError
 
-METHODS = ("default", "intra_fusion")
+PRUNING = ("default", "intra_fusion")  # discard the pruned channels, or fuse them first
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ def kept_count(n: int, sparsity: float) -> int:
     return int(n * (1 - sparsity))
 
 
+def check_sparsity(sparsity: float) -> None:
+    """IntraFusionError unless 0 <= sparsity < 1 (NaN included)."""
+    if not 0 <= sparsity < 1:
+        raise IntraFusionError(f"sparsity {sparsity} outside [0, 1): pass values like 0.3 0.5")
+
+
 def _out_channels(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
@@ -72,11 +79,11 @@ def find_classifier(model: nn.Module, num_classes: int | None = None) -> nn.Modu
     """The last Linear whose out_features is `num_classes` (default: that of the last Linear)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError("model has no Linear classifier")
+        raise IntraFusionError("model has no Linear classifier")
     num_classes = linears[-1].out_features if num_classes is None else num_classes
     matching = [m for m in linears if m.out_features == num_classes]
     if not matching:
-        raise ValueError(f"no Linear layer with {num_classes} outputs")
+        raise IntraFusionError(f"no Linear layer with {num_classes} outputs")
     return matching[-1]
 
 
@@ -171,10 +178,22 @@ class Pruner:
                 self.channel_map[name] = self.channel_map[name][kept]
 
     def check_group(self, index: int) -> GroupInfo:
-        if not 0 <= index < len(self.groups):
-            raise IndexError(f"group index {index} out of range: the model has {len(self.groups)} "
-                             f"groups (0..{len(self.groups) - 1})")
+        """The group numbered `index`; IntraFusionError when there is none."""
+        if not isinstance(index, int) or not 0 <= index < len(self.groups):
+            raise IntraFusionError(f"group index {index} out of range: the model has {len(self.groups)} "
+                                   f"groups (0..{len(self.groups) - 1})")
         return self.groups[index]
+
+    def check_prunable(self, index: int, sparsity: float) -> tuple[int, int]:
+        """(n, k): the group's current width and what `sparsity` keeps of it; IntraFusionError for
+        a sparsity outside [0, 1) or one that would leave the group without a channel."""
+        check_sparsity(sparsity)
+        n = _out_channels(self._modules[self.check_group(index).root])
+        k = kept_count(n, sparsity)
+        if k < 1:
+            raise IntraFusionError(f"sparsity {sparsity} would leave group {index} ({n} channels) "
+                                   "with no channel")
+        return n, k
 
     def full_group(self, index: int):
         """The torch-pruning group of group `index` with all its current channels, and n."""
@@ -193,15 +212,10 @@ class Pruner:
                     fusion: FusionSettings = FusionSettings()) -> PruneRecord:
         """Prune group `index` at `sparsity` with `method` (default or intra_fusion), in place.
         The fusion rule `varfix` gets the channel features the transport map was computed from."""
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if not 0 <= sparsity < 1:
-            raise ValueError(f"sparsity {sparsity} outside [0, 1)")
-        group, n = self.full_group(index)
-        k = kept_count(n, sparsity)
-        if k < 1:
-            raise ValueError(f"sparsity {sparsity} would leave group {index} ({n} channels) "
-                             "with no channel")
+        if method not in PRUNING:
+            raise IntraFusionError(f"unknown pruning {method!r}; choose one of {', '.join(PRUNING)}")
+        n, k = self.check_prunable(index, sparsity)
+        group, _ = self.full_group(index)
         scores = scorer(self.model, self.graph, group, n, pristine=self.pristine)
         order = torch.argsort(scores.cpu(), stable=True)
         pruned = torch.sort(order[: n - k]).values

@@ -16,34 +16,18 @@ from collections import OrderedDict
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .evaluation import count_correct
-from .models import VGG, ResNet
+from ..evaluation import count_correct
 
 Segment = tuple[tuple[str, ...], Callable[[nn.Module, torch.Tensor], torch.Tensor]]
 
 
-def _module_step(name: str) -> Callable:
-    return lambda model, x: model.get_submodule(name)(x)
-
-
 def model_segments(model: nn.Module) -> list[Segment] | None:
-    """The chain of (module names, fn(model, x)) whose composition is model(x), or None."""
-    if isinstance(model, VGG):
-        segs: list[Segment] = [((f"features.{i}",), _module_step(f"features.{i}"))
-                               for i in range(len(model.features))]
-        segs.append((("classifier",), lambda m, x: m.classifier(torch.flatten(x, 1))))
-        return segs
-    if isinstance(model, ResNet):
-        segs = [(("conv1", "bn1"), lambda m, x: F.relu(m.bn1(m.conv1(x))))]
-        for stage in ("layer1", "layer2", "layer3", "layer4"):
-            for i in range(len(model.get_submodule(stage))):
-                segs.append(((f"{stage}.{i}",), _module_step(f"{stage}.{i}")))
-        segs.append((("linear",), lambda m, x: m.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))))
-        return segs
-    return None
+    """The chain of (module names, fn(model, x)) whose composition is model(x), as the model
+    supplies it through a `segments()` method; None for a model that does not (full forward)."""
+    segments = getattr(model, "segments", None)
+    return segments() if callable(segments) else None
 
 
 def _state_of(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
