@@ -20,6 +20,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .attention import head_dims, sync_widths, unit_channels, unit_scores
 from .folding import fold_all_batchnorms
 from .fusion import (FUSABLE_LAYERS, channel_features, fuse_slots, fusion_maps, group_slots,
                      index_pruned_layers)
@@ -142,6 +143,7 @@ class Pruner:
         self._modules = dict(model.named_modules())
         fixed = [self._modules[name] for name in fixed_layers]
         self.groups = number_groups(model, self.graph, self.classifier, fixed)
+        self.head_dims = head_dims(model)  # q/k/v layers of attention modules -> head size
         self.pristine = True
         self.channel_map = {name: torch.arange(_out_channels(m)) for name, m in self._modules.items()
                             if isinstance(m, FUSABLE_LAYERS)}
@@ -184,15 +186,22 @@ class Pruner:
                                    f"groups (0..{len(self.groups) - 1})")
         return self.groups[index]
 
+    def unit(self, index: int) -> int:
+        """Channels pruned together in group `index`: the head size for the q/k/v group of an
+        attention module (whole heads go, see attention.py), else 1."""
+        return max([self.head_dims.get(name, 1) for name in self.check_group(index).layers])
+
     def check_prunable(self, index: int, sparsity: float) -> tuple[int, int]:
-        """(n, k): the group's current width and what `sparsity` keeps of it; IntraFusionError for
-        a sparsity outside [0, 1) or one that would leave the group without a channel."""
+        """(n, k): the group's current width and the channels `sparsity` keeps of it (whole
+        units: kept_count of the heads for an attention group); IntraFusionError for a sparsity
+        outside [0, 1) or one that would leave the group without a channel (head)."""
         check_sparsity(sparsity)
-        n = _out_channels(self._modules[self.check_group(index).root])
-        k = kept_count(n, sparsity)
+        n, unit = _out_channels(self._modules[self.check_group(index).root]), self.unit(index)
+        k = kept_count(n // unit, sparsity) * unit
         if k < 1:
-            raise IntraFusionError(f"sparsity {sparsity} would leave group {index} ({n} channels) "
-                                   "with no channel")
+            what = "channel" if unit == 1 else "head"
+            raise IntraFusionError(f"sparsity {sparsity} would leave group {index} ({n // unit} "
+                                   f"{what}s) with no {what}")
         return n, k
 
     def full_group(self, index: int):
@@ -217,11 +226,16 @@ class Pruner:
         n, k = self.check_prunable(index, sparsity)
         group, _ = self.full_group(index)
         scores = scorer(self.model, self.graph, group, n, pristine=self.pristine)
-        order = torch.argsort(scores.cpu(), stable=True)
-        pruned = torch.sort(order[: n - k]).values
-        keep = torch.sort(order[n - k:]).values
+        unit = self.unit(index)
+        order = torch.argsort(unit_scores(scores.cpu(), unit), stable=True)
+        pruned = unit_channels(order[: (n - k) // unit], unit)
+        keep = unit_channels(order[(n - k) // unit:], unit)
         record = PruneRecord(index, n, k, fused=False)
-        if method == "intra_fusion":
+        if method == "intra_fusion" and unit > 1:
+            self._notice(self.groups[index].root, "are attention heads: they are pruned whole, the "
+                         "default way (averaging heads does not average softmax(q·kᵀ)·v; see "
+                         "intrafusion/attention.py)")
+        elif method == "intra_fusion":
             slots, unfusable = group_slots(self.graph, group, n)
             record.unfusable = unfusable
             for name in unfusable:
@@ -245,6 +259,7 @@ class Pruner:
             pruning_group = self.graph.get_pruning_group(root, fn, pruned.tolist())
             self._track_channels(pruning_group)
             pruning_group.prune()
+            sync_widths(self.model)
             self.pristine = False
         return record
 

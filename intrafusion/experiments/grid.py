@@ -24,7 +24,7 @@ from ..fusion import FUSION_RULES
 from ..groups import FusionSettings, Pruner, check_sparsity, count_macs_params
 from ..importance import CRITERIA, DATA_CRITERIA, Scorer
 from ..methods import get_method
-from ..models import MODEL_NAMES, build_model
+from ..models import MODEL_NAMES, build_model, pruner_options
 from ..repair import reference_statistics, repair_pruned
 from ..transport import MARGINALS, TARGETS
 from .checkpoints import default_checkpoint, ensure_unzipped, load_weights, read_checkpoint
@@ -137,11 +137,12 @@ def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
     test_x, test_y = dataset.test_tensors()
     base_accuracy = accuracy(model, test_x, test_y)
     original = copy.deepcopy(model)
-    pruner = Pruner(model, test_x[:1].to(device), dataset.num_classes)
+    options = pruner_options(model)  # the Mixer's token layers, transformers' residual stream
+    pruner = Pruner(model, test_x[:1].to(device), dataset.num_classes, **options)
     for index in group_list(pruner, config.group_idxs):
         for s in config.sparsities:
             pruner.check_prunable(index, s)
-    rebuild = lambda: Pruner(copy.deepcopy(original), test_x[:1].to(device), dataset.num_classes)  # noqa: E731
+    rebuild = lambda: Pruner(copy.deepcopy(original), test_x[:1].to(device), dataset.num_classes, **options)  # noqa: E731
     return dataset, (test_x, test_y), pruner, base_accuracy, digest, rebuild
 
 
