@@ -22,10 +22,10 @@ from torch import nn
 
 from .attention import head_dims, sync_widths, unit_channels, unit_scores
 from .folding import fold_all_batchnorms
-from .fusion import (FUSABLE_LAYERS, channel_features, fuse_slots, fusion_maps, group_slots,
-                     index_pruned_layers)
+from .fusion import (FUSABLE_LAYERS, FUSION_RULES, channel_features, fuse_slots, fusion_maps,
+                     group_slots, index_pruned_layers)
 from .importance import Scorer
-from .transport import transport_map
+from .transport import MARGINALS, TARGETS, transport_map
 from .errors import IntraFusionError
 
 PRUNING = ("default", "intra_fusion")  # discard the pruned channels, or fuse them first
@@ -43,12 +43,38 @@ class GroupInfo:
 
 @dataclass(frozen=True)
 class FusionSettings:
+    """How a group is fused: OT targets and marginals, cost norm p, fusion rule, mixture seed;
+    IntraFusionError for a value that is not one of the choices."""
+
     target: str = "most_important"
     source_prob: str = "uniform"
     target_prob: str = "uniform"
     p: float = 1.0
     rule: str = "fork"
     seed: int = 0
+
+    def __post_init__(self):
+        for value, choices, what in [(self.target, TARGETS, "target"),
+                                     (self.source_prob, MARGINALS, "source marginal"),
+                                     (self.target_prob, MARGINALS, "target marginal"),
+                                     (self.rule, FUSION_RULES, "fusion rule")]:
+            if value not in choices:
+                raise IntraFusionError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+        if not self.p > 0:
+            raise IntraFusionError(f"p must be positive, got {self.p}")
+
+
+def fuse_channels(slots, keep: torch.Tensor, scores: torch.Tensor, fusion: FusionSettings) -> None:
+    """Fuse all n channels of a group's `slots` (fusion.group_slots) into the kept ones, in place:
+    channel features -> transport map T (k, n) -> fusion maps of `fusion.rule` -> rows and columns
+    written at the kept positions. keep: (k,) kept indices; scores: (n,) importance (marginals)."""
+    n = len(scores)
+    target = fusion.target if len(keep) < n else "most_important"  # nothing to cluster
+    features = channel_features(slots)
+    T = transport_map(features, keep, scores, target, fusion.source_prob, fusion.target_prob,
+                      fusion.p, fusion.seed)
+    a_out, a_in = fusion_maps(T, fusion.rule, features)
+    fuse_slots(slots, keep, a_out, a_in)
 
 
 @dataclass
@@ -246,12 +272,7 @@ class Pruner:
                 for name in record.index_pruned:
                     self._notice(name, "are not fused: their per-channel parameters are pruned by "
                                        "index while the group's conv/linear layers are fused")
-                target = fusion.target if k < n else "most_important"  # nothing to cluster
-                features = channel_features(slots)
-                T = transport_map(features, keep, scores.cpu(), target,
-                                  fusion.source_prob, fusion.target_prob, fusion.p, fusion.seed)
-                a_out, a_in = fusion_maps(T, fusion.rule, features)
-                fuse_slots(slots, keep, a_out, a_in)
+                fuse_channels(slots, keep, scores.cpu(), fusion)
                 record.fused = True
         if len(pruned):
             root = self._modules[self.groups[index].root]

@@ -90,14 +90,16 @@ def _linf(graph, group, n: int) -> torch.Tensor:
 
 
 class Scorer:
-    """Scores the n channels of a group with one criterion.
+    """Scores the n channels of a group with one criterion: a name of CRITERIA, or any
+    torch-pruning Importance object (called on the full group as it is).
 
     `batches` (a list of (x, y)) is needed by taylor and chip. Measurements on the pristine
     (unpruned, folded) network are cached unless `cache=False`; pass `pristine=False` when the
     network was pruned since, and they are measured again."""
 
-    def __init__(self, criterion: str, batches=None, seed: int = 0, cache: bool = True):
-        if criterion not in CRITERIA:
+    def __init__(self, criterion, batches=None, seed: int = 0, cache: bool = True):
+        self.importance = criterion if isinstance(criterion, tp.importance.Importance) else None
+        if self.importance is None and criterion not in CRITERIA:
             raise IntraFusionError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
         if criterion in DATA_CRITERIA and not batches:
             raise IntraFusionError(f"criterion {criterion!r} needs calibration batches")
@@ -123,6 +125,12 @@ class Scorer:
 
     def __call__(self, model: nn.Module, graph, group, n: int, pristine: bool = True) -> torch.Tensor:
         """Scores (n,) of a full group; higher means more important."""
+        if self.importance is not None:
+            scores = self.importance(group)
+            if scores is None or scores.shape != (n,):
+                raise IntraFusionError(f"{type(self.importance).__name__} gave no score per channel "
+                                       f"for a group of {n} channels")
+            return scores.float()
         if self.criterion in self._magnitude:
             return self._magnitude[self.criterion](group).float()
         if self.criterion == "l_inf":
