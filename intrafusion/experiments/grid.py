@@ -20,13 +20,11 @@ from tqdm import tqdm
 
 from ..errors import IntraFusionError
 from ..evaluation import accuracy
-from ..fusion import FUSION_RULES
 from ..groups import FusionSettings, Pruner, check_sparsity, count_macs_params
 from ..importance import CRITERIA, DATA_CRITERIA, Scorer
 from ..methods import get_method
 from ..models import MODEL_NAMES, build_model, pruner_options
 from ..repair import reference_statistics, repair_pruned
-from ..transport import MARGINALS, TARGETS
 from .checkpoints import default_checkpoint, ensure_unzipped, load_weights, read_checkpoint
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .prefix import GridEvaluator
@@ -87,15 +85,10 @@ def _check_choice(value, choices, what: str) -> None:
 
 def validate(config: GridConfig) -> None:
     """Reject settings that cannot work before anything is loaded or written (what needs the
-    network, group ranges and widths, is checked by the Pruner in `prepare`)."""
+    network, group ranges and widths, is checked by the Pruner in `prepare`; FusionSettings
+    checks itself when it is made)."""
     _check_choice(config.model_name, MODEL_NAMES, "model name")
     _check_choice(config.dataset, DATASET_NAMES, "dataset")
-    _check_choice(config.fusion.target, TARGETS, "target")
-    _check_choice(config.fusion.source_prob, MARGINALS, "source marginal")
-    _check_choice(config.fusion.target_prob, MARGINALS, "target marginal")
-    _check_choice(config.fusion.rule, FUSION_RULES, "fusion rule")
-    if not config.fusion.p > 0:
-        raise IntraFusionError(f"p must be positive, got {config.fusion.p}")
     if not config.group_idxs:
         raise IntraFusionError("no group given: pass at least one index to --group_idxs")
     if not config.sparsities:
