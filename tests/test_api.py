@@ -184,3 +184,13 @@ def test_extra_architectures_compress(make):
     with torch.no_grad():
         assert small(x).shape == (2, 10) and torch.isfinite(small(x)).all()
         assert torch.allclose(same(x), model(x), atol=1e-5)
+
+
+def test_compressed_user_model_saves_and_loads_into_a_fresh_instance(tmp_path):
+    model = user_net()
+    small = intrafusion.compress(model, X[:1], sparsity=0.5, calibration=[x for x, _ in CALIBRATION])
+    intrafusion.save(small, tmp_path / "small.pt")
+    again = intrafusion.load(tmp_path / "small.pt", model=UserNet())
+    with torch.no_grad():
+        assert torch.equal(again.eval()(X), small(X))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), small.state_dict().values()))
