@@ -41,7 +41,7 @@ def fusion_settings(options: dict) -> FusionSettings:
     return FusionSettings(**options)
 
 
-def calibration_batches(calibration) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def calibration_pairs(calibration) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """The calibration data as a list of (input, target or None) pairs, read once."""
     if calibration is None:
         return []
@@ -182,7 +182,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, *, sparsity: float 
     budget = one_budget(sparsity=sparsity, macs=macs, params=params)
     spec = get_method(method)
     fusion = fusion_settings(fusion_options)
-    batches = calibration_batches(calibration)
+    batches = calibration_pairs(calibration)
     if spec.repair and not batches:
         raise IntraFusionError(f"method {method!r} needs calibration data: pass calibration=")
     scorer = make_scorer(criterion, batches)
