@@ -8,6 +8,9 @@ checkpoint, data and fusion settings.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
+import json
 import time
 import zlib
 from contextlib import ExitStack
@@ -19,8 +22,9 @@ import torch
 from tqdm import tqdm
 
 from ..errors import IntraFusionError
+from ..allocation import ALLOCATIONS, allocate, check_budget, group_widths, measure_cost_model
 from ..evaluation import accuracy
-from ..groups import FusionSettings, Pruner, check_sparsity, count_macs_params
+from ..groups import FusionSettings, Pruner, check_sparsity, count_macs_params, kept_count
 from ..importance import CRITERIA, DATA_CRITERIA, Scorer
 from ..methods import get_method
 from ..models import MODEL_NAMES, build_model, pruner_options
@@ -28,7 +32,7 @@ from ..repair import reference_statistics, repair_pruned
 from .checkpoints import default_checkpoint, ensure_unzipped, load_weights, read_checkpoint
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .prefix import GridEvaluator
-from .report import FT, finetune_table, summary_table
+from .report import FT, budget_table, finetune_table, summary_table
 from .results import CsvLog, cell_key, previous_rows
 from .storage import check_writable, file_digest
 from .training import finetune
@@ -56,6 +60,11 @@ class GridConfig:
     finetune_lr: float = 0.01
     resume: bool | None = None  # None: continue the output CSV when it exists and matches
     overwrite: bool = False     # start the output CSV over, whatever it holds
+    budgets: tuple = ()         # fractions of the unpruned cost to keep: budget cells over all groups
+    budget_kind: str = "macs"   # what the budgets count: macs or params
+    allocations: tuple = ("uniform",)   # allocation.ALLOCATIONS, for the budget cells
+    held_out: int = 1000        # held-out training images for the sensitivity profile
+    profile_cache: Path | None = None   # JSON of sensitivity profiles (default results/profiles.json)
 
     def output_path(self, criterion: str) -> Path:
         if self.out is not None:
@@ -67,9 +76,24 @@ class GridConfig:
 
 
 def calibration_batches(dataset: Dataset, count: int, batch_size: int, seed: int = 0):
-    """`count` shuffled, unaugmented, normalized training batches (x, y) for taylor/chip."""
+def calibration_indices(train_size: int, count: int, batch_size: int, seed: int = 0) -> torch.Tensor:
+    """Indices into the training set of the images of calibration_batches(…, count, batch_size, seed)."""
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset.train_labels), generator=generator)[: count * batch_size]
+    return torch.randperm(train_size, generator=generator)[: count * batch_size]
+
+
+def held_out_indices(train_size: int, count: int, exclude: torch.Tensor, seed: int = 2) -> torch.Tensor:
+    """`count` training-set indices of a seeded permutation, none of them in `exclude` (the
+    calibration images): the held-out images the sensitivity allocation is measured on."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(train_size, generator=generator)
+    taken = torch.zeros(train_size, dtype=torch.bool)
+    taken[exclude] = True
+    return order[~taken[order]][:count]
+
+
+    """`count` shuffled, unaugmented, normalized training batches (x, y) for taylor/chip."""
+    order = calibration_indices(len(dataset.train_labels), count, batch_size, seed)
     return [(dataset.normalize(dataset.train_images[order[i:i + batch_size]]),
              dataset.train_labels[order[i:i + batch_size]]) for i in range(0, len(order), batch_size)]
 
@@ -102,16 +126,29 @@ def validate(config: GridConfig) -> None:
         if g != "all" and not isinstance(g, int):
             raise IntraFusionError(f"group {g!r} is neither an index nor 'all'")
     if config.repair_batches < 1 and any(m.repair for m in methods):
+    for flag, value, least in (("--cache-mb", config.cache_mb, 0),
+                               ("--repair-batches", config.repair_batches, 0),
+                               ("--finetune-epochs", config.finetune_epochs, 0),
+                               ("batch_size", config.batch_size, 1),
+                               ("calibration_batches", config.calibration_batches, 1)):
+        if not value >= least:   # NaN fails too
+            raise IntraFusionError(f"{flag} must be at least {least}, got {value}")
+    if not (math.isfinite(config.finetune_lr) and config.finetune_lr > 0):
+        raise IntraFusionError(f"--finetune-lr must be a positive number, got {config.finetune_lr}")
         raise IntraFusionError("--repair-batches must be at least 1 for the *_repair methods")
-    if config.finetune_epochs < 0 or (config.finetune_epochs and not config.finetune_lr > 0):
-        raise IntraFusionError("--finetune-epochs must be >= 0 and --finetune-lr positive")
+    for b in config.budgets:
+        check_budget(config.budget_kind, b)
+    for a in config.allocations:
+        _check_choice(a, ALLOCATIONS, "allocation")
+    if config.budgets and "sensitivity" in config.allocations and not config.held_out >= 1:
+        raise IntraFusionError(f"--held-out must be at least 1 for the sensitivity allocation, got {config.held_out}")
 
 
 def open_checkpoint(config: GridConfig) -> tuple[dict, str]:
     """The configured checkpoint's contents and its sha256."""
     path = config.checkpoint_path()
     ensure_unzipped(path)
-    return read_checkpoint(path), file_digest(path)
+    return read_checkpoint(path, config.dataset), file_digest(path)
 
 
 def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
@@ -188,19 +225,26 @@ class GridRun:
         self.evaluator.plan(g for g in self.groups if g != "all")
         self.example = test_x[:1].to(config.device)
         self.results: dict[str, list[dict]] = {str(p): [] for p in self.previous}
+        self.base_macs = count_macs_params(self.base.model, self.example)[0]
         self.logs: dict = {}
         self._repair = None
         self._batches = None
 
+        self._cost = None
     def cells(self) -> list[tuple]:
         c = self.config
-        return [(crit, g, s, m) for crit in self.paths for g in self.groups
+        """(criterion, group, sparsity, method, ""), or with budgets the budget cells over all
+        groups (criterion, "all", budget, method, "<kind>:<allocation>")."""
+        if c.budgets:
+            return [(crit, "all", b, m, f"{c.budget_kind}:{a}") for crit in self.paths
+                    for b in _unique(c.budgets) for a in _unique(c.allocations) for m in _unique(c.methods)]
+        return [(crit, g, s, m, "") for crit in self.paths for g in self.groups
                 for s in _unique(c.sparsities) for m in _unique(c.methods)]
 
     def finished(self, cell: tuple) -> bool:
         """Whether the cell's row, and its fine-tuning rows, are all known."""
         epochs = [(cell[3], 0)] + [(cell[3] + FT, e) for e in range(1, self.config.finetune_epochs + 1)]
-        return all((*cell[:3], m, e) in self.done for m, e in epochs)
+        return all((*cell[:3], m, e, cell[4]) in self.done for m, e in epochs)
 
     def record(self, row: dict) -> dict:
         """Write a new row (a known cell keeps its earlier row); add it to the results."""
@@ -214,7 +258,8 @@ class GridRun:
 
     def replay(self, cell: tuple) -> None:
         """Add the known rows of a finished cell to the results, in epoch order."""
-        for key in sorted(k for k in self.done if k[:3] == cell[:3] and k[3] in (cell[3], cell[3] + FT)):
+        for key in sorted(k for k in self.done if k[:3] == cell[:3] and k[3] in (cell[3], cell[3] + FT)
+                          and k[5] == cell[4]):
             self.record(self.done[key])
 
     def repair_data(self):
@@ -234,24 +279,68 @@ class GridRun:
             self._batches = [(x.to(c.device), y.to(c.device)) for x, y in batches]
         return Scorer(criterion, self._batches if criterion in DATA_CRITERIA else None, cache=c.fast)
 
-    def row(self, criterion, group, sparsity, method, model, accuracy_, seconds=0.0) -> dict:
+    def row(self, criterion, group, sparsity, method, model, accuracy_, seconds=0.0, **budget) -> dict:
         return dict(self.common, criterion=criterion, group=group, sparsity=sparsity, method=method,
                     accuracy=accuracy_, params=count_params(model), prune_seconds=round(seconds, 4),
-                    macs=count_macs_params(model, self.example)[0], epoch=0)
+                    macs=count_macs_params(model, self.example)[0], epoch=0, **budget)
 
-    def prune_cell(self, scorer: Scorer, cell: tuple) -> tuple[dict, Pruner]:
-        """Prune a new variant for cell (criterion, group, sparsity, method); its row and the variant."""
-        criterion, group, sparsity, name = cell
-        method = get_method(name)
-        variant = self.new_variant()
-        scorer.generator.manual_seed(_cell_seed(group, sparsity))
-        start = time.perf_counter()
-        variant.prune(group_list(self.base, [group]), sparsity, method.pruning, scorer,
-                      method.fusion(self.config.fusion))
+    def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out training images (normalized) and labels of the sensitivity allocation:
+        a seeded subset of the training set disjoint from the calibration and repair batches."""
+        c, train = self.config, self.dataset.train_labels
+        used = torch.cat([calibration_indices(len(train), c.calibration_batches, c.batch_size, seed=0),
+                          calibration_indices(len(train), c.repair_batches, c.batch_size, seed=1)])
+        index = held_out_indices(len(train), c.held_out, used)
+        return self.dataset.normalize(self.dataset.train_images[index]).to(c.device), train[index].to(c.device)
+
+    def apply(self, variant: Pruner, scorer: Scorer, method, plan: dict) -> None:
+        """Prune `variant` with `method` at the {group: sparsity} plan, then repair if it does."""
+        for g, sparsity in plan.items():
+            variant.prune_group(g, sparsity, method.pruning, scorer, method.fusion(self.config.fusion))
         if method.repair:
             repair_pruned(self.base, variant, *self.repair_data())
+
+    def budget_plan(self, scorer: Scorer, criterion: str, method, budget: float, allocation: str) -> dict:
+        """The {group: sparsity} plan of `allocation` meeting the budget (profiles cached in
+        config.profile_cache, default results/profiles.json)."""
+        c = self.config
+        if self._cost is None:
+            self._cost = measure_cost_model(self.base, self.example)
+        settings = dict(checkpoint_sha256=self.common["checkpoint_sha256"], model=c.model_name,
+                        method=method.name, criterion=criterion, fusion=dataclasses.asdict(c.fusion),
+                        repair_batches=c.repair_batches, calibration_batches=c.calibration_batches,
+                        batch_size=c.batch_size)
+        result = allocate(self.base, self.example, range(len(self.base.groups)), c.budget_kind, budget,
+                          allocation, scorer=scorer, prune=lambda v, plan: self.apply(v, scorer, method, plan),
+                          held_out=self.held_out() if allocation == "sensitivity" else None,
+                          cache=c.profile_cache or Path("results") / "profiles.json",
+                          cache_settings=settings, cost=self._cost)
+        if result.profile_seconds:
+            self.log(f"sensitivity profile of {method.name} ({criterion}): {result.profile_seconds:.0f} s")
+        return result.plan
+
+    def prune_cell(self, scorer: Scorer, cell: tuple) -> tuple[dict, Pruner]:
+        """Prune a new variant for a cell (see `cells`); its row and the variant."""
+        criterion, group, value, name, allocation = cell
+        method = get_method(name)
+        variant = self.new_variant()
+        scorer.generator.manual_seed(_cell_seed(group, value))
+        start = time.perf_counter()
+        if allocation:
+            plan = self.budget_plan(scorer, criterion, method, value, allocation.split(":")[1])
+        else:
+            plan = dict.fromkeys(group_list(self.base, [group]), value)
+        self.apply(variant, scorer, method, plan)
         seconds = time.perf_counter() - start
-        return self.row(*cell, variant.model, self.evaluator.accuracy(variant), seconds), variant
+        budget = {}
+        if allocation:
+            widths = group_widths(self.base)
+            pruned = sum(widths[g] - kept_count(widths[g], s) for g, s in plan.items())
+            value = round(pruned / sum(widths), 6)
+            budget = dict(budget=cell[2], budget_kind=self.config.budget_kind, allocation=allocation.split(":")[1],
+                          sparsities=json.dumps({str(g): round(s, 6) for g, s in plan.items()}))
+        return self.row(criterion, group, value, name, variant.model, self.evaluator.accuracy(variant),
+                        seconds, **budget), variant
 
     def finetune_rows(self, variant: Pruner, row: dict) -> None:
         """Fine-tune the variant, recording a "+ft" row with the test accuracy after each epoch."""
@@ -264,25 +353,28 @@ class GridRun:
                  device=torch.device(c.device), on_epoch=on_epoch)
 
     def run_criterion(self, criterion: str, bar) -> None:
-        """Every cell of one criterion: the unpruned row, then group × sparsity × method."""
+        """Every cell of one criterion: the unpruned row, then the cells in order, one log line
+        per group and sparsity (or budget and allocation) with every method."""
         scorer = self.scorer(criterion)
         self.record(self.row(criterion, -1, 0.0, "none", self.base.model, self.base_accuracy))
-        for group in self.groups:
-            for sparsity in _unique(self.config.sparsities):
-                line = []
-                for method in _unique(self.config.methods):
-                    cell = (criterion, group, sparsity, method)
-                    if self.finished(cell):
-                        self.replay(cell)
-                        continue
-                    row, variant = self.prune_cell(scorer, cell)
-                    row = self.record(row)
-                    if self.config.finetune_epochs:
-                        self.finetune_rows(variant, row)
-                    bar.update()
-                    line.append(f"{method} {100 * row['accuracy']:6.2f}%")
-                if line:
-                    self.log(f"{criterion:6s} group {group!s:>2} sparsity {sparsity:.2f}: " + "  ".join(line))
+        cells = [c for c in self.cells() if c[0] == criterion]
+        for (_, group, value, _, allocation), line_cells in itertools.groupby(
+                cells, key=lambda c: (*c[:3], None, c[4])):
+            line = []
+            for cell in line_cells:
+                if self.finished(cell):
+                    self.replay(cell)
+                    continue
+                row, variant = self.prune_cell(scorer, cell)
+                row = self.record(row)
+                if self.config.finetune_epochs:
+                    self.finetune_rows(variant, row)
+                bar.update()
+                line.append(f"{cell[3]} {100 * row['accuracy']:6.2f}%"
+                            + (f" ({100 * row['macs'] / self.base_macs:.1f}% MACs)" if allocation else ""))
+            if line:
+                what = f"{allocation} {value:.2f}" if allocation else f"group {group!s:>2} sparsity {value:.2f}"
+                self.log(f"{criterion:6s} {what}: " + "  ".join(line))
 
     def run(self, progress: bool = False) -> dict[str, list[dict]]:
         cells = self.cells()
@@ -298,7 +390,12 @@ class GridRun:
             for criterion in self.paths:
                 self.run_criterion(criterion, bar)
         for criterion, path in self.paths.items():
-            self.log(summary_table(self.results[str(path)], criterion))
+            rows = self.results[str(path)]
+            if any(not r.get("allocation") and r["method"] != "none" for r in rows):
+                self.log(summary_table([r for r in rows if not r.get("allocation")], criterion))
+            budgets = budget_table(rows, criterion)
+            if budgets is not None:
+                self.log(budgets)
             recovery = finetune_table(self.results[str(path)], criterion)
             if recovery is not None:
                 self.log(recovery)

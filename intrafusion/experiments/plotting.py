@@ -1,7 +1,9 @@
 """Pictures of a results CSV, drawn with matplotlib's Agg canvas.
 
 The sparsity plot: per group ("all" = whole-network pruning, last), test accuracy against sparsity,
-one line per method (and criterion), the unpruned accuracy as a dashed line. The fine-tuning plot
+one line per method (and criterion), the unpruned accuracy as a dashed line. Budget cells
+(main.py --macs): accuracy against the MACs kept, log-scaled, one line per method × allocation.
+The fine-tuning plot
 (only when the CSV has "+ft" rows): per (group, sparsity), accuracy against fine-tuning epoch
 (0 = before fine-tuning), one line per method."""
 from __future__ import annotations
@@ -167,6 +169,46 @@ def draw_finetune(rows: list[dict]) -> Figure | None:
     return _finish(fig, axes, f"{_where(rows)}{', '.join(criteria)}: test accuracy while fine-tuning")
 
 
+def _budget_series(rows: list[dict]) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    """{(method, allocation): [(MACs kept, accuracy %), ...] by MACs} of the budget rows without
+    fine-tuning, MACs as a fraction of the unpruned row's."""
+    base = next(r["macs"] for r in rows if r["method"] == "none")
+    series: dict = {}
+    for r in rows:
+        if r.get("allocation") and not r["method"].endswith(FT):
+            series.setdefault((r["method"], r["allocation"]), []).append((r["macs"] / base, 100 * r["accuracy"]))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def draw_budgets(rows: list[dict]) -> Figure:
+    """Test accuracy against the MACs kept (log axis), one line per method (color) × allocation
+    (line style), the unpruned network as a star at 100%."""
+    series = _budget_series(rows)
+    fig = Figure(figsize=(8.0, 5.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for m, _ in series))}
+    dashes = {a: d for a, d in zip(dict.fromkeys(a for _, a in series), ("-", "--", ":", "-."))}
+    for (method, allocation), points in series.items():
+        x, y = zip(*points)
+        ax.plot(x, y, marker="o", color=colors[method], linestyle=dashes.get(allocation, "-"),
+                label=f"{_LABELS.get(method, method)}, {allocation}")
+    unpruned = _unpruned(rows)
+    ax.plot([1.0], [unpruned], marker="*", markersize=14, color="0.2", linestyle="none",
+            label=f"unpruned ({unpruned:.2f}%)")
+    ax.set_xscale("log")
+    ticks = sorted({round(x, 2) for points in series.values() for x, _ in points} | {1.0})
+    ax.set_xticks(ticks, [f"{100 * t:.0f}%" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("MACs kept (fraction of the unpruned network, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right center", frameon=False, fontsize="small")
+    criteria = ", ".join(dict.fromkeys(r["criterion"] for r in rows))
+    fig.suptitle(f"{_where(rows)}{criteria}: test accuracy at a MACs budget")
+    return fig
+
+
 def _save(fig: Figure, png: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
@@ -175,7 +217,9 @@ def _save(fig: Figure, png: Path) -> None:
 
 def plot_all(csv_path: Path | str, png_path: Path | str | None = None) -> list[Path]:
     """Draw the results CSV into `png_path` (default: beside it, same name, .png) and, when it has
-    "+ft" rows, the fine-tuning plot into `<png stem>_finetune.png` beside that; the paths written."""
+    "+ft" rows, the fine-tuning plot into `<png stem>_finetune.png` beside that; budget rows
+    (main.py --macs) are drawn against MACs (draw_budgets), into `png_path` when the CSV holds
+    nothing else, else `<png stem>_macs.png`; the paths written."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise IntraFusionError(f"{csv_path} not found: pass a CSV written by main.py")
@@ -184,10 +228,16 @@ def plot_all(csv_path: Path | str, png_path: Path | str | None = None) -> list[P
         raise IntraFusionError(f"{csv_path} is not a results CSV of main.py (columns "
                         f"{', '.join(sorted(_NEEDED))} needed)")
     png = Path(png_path) if png_path else csv_path.with_suffix(".png")
-    figures = {png: draw(rows)}
-    finetune = draw_finetune(rows)
-    if finetune is not None:
-        figures[png.with_name(png.stem + "_finetune.png")] = finetune
+    plain = [r for r in rows if not r.get("allocation")]
+    budget = len(plain) < len(rows)
+    figures = {}
+    if not budget or any(r["method"] != "none" for r in plain):
+        figures[png] = draw(plain)
+        finetune = draw_finetune(plain)
+        if finetune is not None:
+            figures[png.with_name(png.stem + "_finetune.png")] = finetune
+    if budget:
+        figures[png.with_name(png.stem + "_macs.png") if figures else png] = draw_budgets(rows)
     for path in figures:
         check_writable(path)
     for path, fig in figures.items():

@@ -86,3 +86,26 @@ def finetune_table(rows: list[dict], criterion: str) -> str | None:
                             + [_percent(acc.get((group, sparsity, m + FT if e else m, e)))
                                for e in epochs])
     return _render(_title(rows, f"{criterion} fine-tuning"), header, body, left=2)
+
+
+def budget_table(rows: list[dict], criterion: str) -> str | None:
+    """Per (budget, allocation) of the budget rows of one criterion, without fine-tuning: each
+    method's accuracy and the MACs it kept (% of the unpruned row's); None without budget rows."""
+    rows = [r for r in rows if r["criterion"] == criterion]
+    cells = [r for r in rows if r.get("allocation") and not r["method"].endswith(FT)]
+    if not cells:
+        return None
+    base = next((r["macs"] for r in rows if r["method"] == "none"), None)
+    methods = list(dict.fromkeys(r["method"] for r in cells))
+    found = {(r["budget_kind"], r["budget"], r["allocation"], r["method"]): r for r in cells}
+    keys = sorted(dict.fromkeys(k[:3] for k in found), key=lambda k: (k[0], -k[1]))
+    body = []
+    for kind, budget, allocation in keys:
+        line = [f"{kind} {budget:.2f}", allocation]
+        for m in methods:
+            r = found.get((kind, budget, allocation, m))
+            line.append("-" if r is None else _percent(r["accuracy"])
+                        + (f" ({100 * r['macs'] / base:.1f}%)" if base else ""))
+        body.append(line)
+    return _render(_title(rows, f"{criterion} budgets (accuracy, MACs kept)"),
+                   ["budget", "allocation"] + methods, body, left=1)

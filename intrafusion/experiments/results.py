@@ -1,7 +1,9 @@
 """Result CSVs: the column order, resuming from the rows of an earlier run, and an append-only
 writer that never leaves a half row.
 
-A row belongs to the grid cell (criterion, group, sparsity, method, fine-tuning epoch). A run continues a CSV only
+A row belongs to the grid cell (criterion, group, sparsity, method, fine-tuning epoch), or, for a
+budget cell, (criterion, group, budget, method, epoch, budget kind and allocation); a budget row's
+`sparsity` is the fraction of all channels pruned and `sparsities` its plan as JSON {group: s}. A run continues a CSV only
 when every earlier row was computed with the same COMPARABLE settings; a row killed mid-write
 (no final newline) is ignored on reading and cut off before appending.
 """
@@ -18,7 +20,7 @@ from .storage import write_failure
 CSV_COLUMNS = ["model", "dataset", "criterion", "group", "sparsity", "method", "accuracy", "params",
                "prune_seconds", "fusion_rule", "target", "source_prob", "target_prob", "p",
                "checkpoint_sha256", "macs", "epoch", "repair_batches", "finetune_epochs",
-               "finetune_lr"]
+               "finetune_lr", "budget", "budget_kind", "allocation", "sparsities"]
 COMPARABLE = ("model", "dataset", "checkpoint_sha256", "fusion_rule", "target", "source_prob",
               "target_prob", "p", "repair_batches", "finetune_epochs", "finetune_lr")
 
@@ -28,16 +30,24 @@ def group_value(value):
     return value if value == "all" else int(value)
 
 
-_TYPES = {"group": group_value, "sparsity": float, "accuracy": float, "params": int,
+def optional_float(value):
+    """A budget column value: a float, or "" for a row that is not a budget cell."""
+    return float(value) if value != "" else ""
+
+
+_TYPES = {"group": group_value, "sparsity": float, "budget": optional_float, "accuracy": float, "params": int,
           "prune_seconds": float, "p": float, "macs": int, "epoch": int,
           "repair_batches": int, "finetune_epochs": int, "finetune_lr": float}
 _RESUME_HINT = "rerun the same command to resume"
 
 
 def cell_key(row: dict) -> tuple:
-    """The grid cell of a row: (criterion, group, sparsity, method, fine-tuning epoch)."""
-    return (row["criterion"], group_value(row["group"]), float(row["sparsity"]), row["method"],
-            int(row.get("epoch") or 0))
+    """The grid cell of a row: (criterion, group, sparsity, method, fine-tuning epoch, ""), or for
+    a budget cell (criterion, group, budget, method, epoch, "<budget kind>:<allocation>")."""
+    budget = row.get("allocation") and f"{row['budget_kind']}:{row['allocation']}"
+    value = row["budget"] if budget else row["sparsity"]
+    return (row["criterion"], group_value(row["group"]), float(value), row["method"],
+            int(row.get("epoch") or 0), budget or "")
 
 
 def _line(values) -> bytes:
