@@ -75,7 +75,6 @@ class GridConfig:
         return Path(self.checkpoint) if self.checkpoint else default_checkpoint(self.model_name, self.dataset)
 
 
-def calibration_batches(dataset: Dataset, count: int, batch_size: int, seed: int = 0):
 def calibration_indices(train_size: int, count: int, batch_size: int, seed: int = 0) -> torch.Tensor:
     """Indices into the training set of the images of calibration_batches(…, count, batch_size, seed)."""
     generator = torch.Generator().manual_seed(seed)
@@ -92,6 +91,7 @@ def held_out_indices(train_size: int, count: int, exclude: torch.Tensor, seed: i
     return order[~taken[order]][:count]
 
 
+def calibration_batches(dataset: Dataset, count: int, batch_size: int, seed: int = 0):
     """`count` shuffled, unaugmented, normalized training batches (x, y) for taylor/chip."""
     order = calibration_indices(len(dataset.train_labels), count, batch_size, seed)
     return [(dataset.normalize(dataset.train_images[order[i:i + batch_size]]),
