@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..errors import IntraFusionError
 from ..allocation import ALLOCATIONS, allocate, check_budget, group_widths, measure_cost_model
+from ..errors import IntraFusionError
 from ..evaluation import accuracy
 from ..groups import FusionSettings, Pruner, check_sparsity, count_macs_params, kept_count
 from ..importance import CRITERIA, DATA_CRITERIA, Scorer
@@ -59,12 +59,12 @@ class GridConfig:
     finetune_epochs: int = 0    # fine-tune every pruned network, one "+ft" row per epoch
     finetune_lr: float = 0.01
     resume: bool | None = None  # None: continue the output CSV when it exists and matches
-    overwrite: bool = False     # start the output CSV over, whatever it holds
     budgets: tuple = ()         # fractions of the unpruned cost to keep: budget cells over all groups
     budget_kind: str = "macs"   # what the budgets count: macs or params
     allocations: tuple = ("uniform",)   # allocation.ALLOCATIONS, for the budget cells
     held_out: int = 1000        # held-out training images for the sensitivity profile
     profile_cache: Path | None = None   # JSON of sensitivity profiles (default results/profiles.json)
+    overwrite: bool = False     # start the output CSV over, whatever it holds
 
     def output_path(self, criterion: str) -> Path:
         if self.out is not None:
@@ -126,16 +126,9 @@ def validate(config: GridConfig) -> None:
         if g != "all" and not isinstance(g, int):
             raise IntraFusionError(f"group {g!r} is neither an index nor 'all'")
     if config.repair_batches < 1 and any(m.repair for m in methods):
-    for flag, value, least in (("--cache-mb", config.cache_mb, 0),
-                               ("--repair-batches", config.repair_batches, 0),
-                               ("--finetune-epochs", config.finetune_epochs, 0),
-                               ("batch_size", config.batch_size, 1),
-                               ("calibration_batches", config.calibration_batches, 1)):
-        if not value >= least:   # NaN fails too
-            raise IntraFusionError(f"{flag} must be at least {least}, got {value}")
-    if not (math.isfinite(config.finetune_lr) and config.finetune_lr > 0):
-        raise IntraFusionError(f"--finetune-lr must be a positive number, got {config.finetune_lr}")
         raise IntraFusionError("--repair-batches must be at least 1 for the *_repair methods")
+    if config.finetune_epochs < 0 or (config.finetune_epochs and not config.finetune_lr > 0):
+        raise IntraFusionError("--finetune-epochs must be >= 0 and --finetune-lr positive")
     for b in config.budgets:
         check_budget(config.budget_kind, b)
     for a in config.allocations:
@@ -148,7 +141,7 @@ def open_checkpoint(config: GridConfig) -> tuple[dict, str]:
     """The configured checkpoint's contents and its sha256."""
     path = config.checkpoint_path()
     ensure_unzipped(path)
-    return read_checkpoint(path, config.dataset), file_digest(path)
+    return read_checkpoint(path), file_digest(path)
 
 
 def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
@@ -224,17 +217,17 @@ class GridRun:
         self.groups = _unique(config.group_idxs)
         self.evaluator.plan(g for g in self.groups if g != "all")
         self.example = test_x[:1].to(config.device)
-        self.results: dict[str, list[dict]] = {str(p): [] for p in self.previous}
         self.base_macs = count_macs_params(self.base.model, self.example)[0]
+        self.results: dict[str, list[dict]] = {str(p): [] for p in self.previous}
         self.logs: dict = {}
         self._repair = None
         self._batches = None
-
         self._cost = None
+
     def cells(self) -> list[tuple]:
-        c = self.config
         """(criterion, group, sparsity, method, ""), or with budgets the budget cells over all
         groups (criterion, "all", budget, method, "<kind>:<allocation>")."""
+        c = self.config
         if c.budgets:
             return [(crit, "all", b, m, f"{c.budget_kind}:{a}") for crit in self.paths
                     for b in _unique(c.budgets) for a in _unique(c.allocations) for m in _unique(c.methods)]
