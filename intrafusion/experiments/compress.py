@@ -1,0 +1,175 @@
+"""What the `compress` and `evaluate` commands do: compress a checkpoint to a budget and save it,
+or measure a saved compressed model.
+
+Data: the calibration batches (repair, and the criteria that need data) are
+grid.calibration_batches(seed=1), the repair batches of the grid; the held-out images of the
+sensitivity allocation are grid.held_out_indices of the training set, disjoint from them. The
+test set is used for nothing but the reported accuracies.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..allocation import ALLOCATIONS, check_budget, one_budget, plan_from_widths
+from ..errors import IntraFusionError
+from ..evaluation import accuracy
+from ..export import export_onnx
+from ..groups import Pruner, count_macs_params
+from ..importance import CRITERIA, DATA_CRITERIA
+from ..methods import get_method
+from ..models import MODEL_NAMES
+from .checkpoints import model_from_state
+from .data import DATASET_NAMES, load_dataset
+from .grid import (GridConfig, calibration_batches, calibration_indices, held_out_indices,
+                   open_checkpoint)
+from .storage import atomic_write, check_writable
+from .training import finetune
+
+
+@dataclass
+class CompressConfig:
+    """The settings of one `compress` run (the CLI's flags); exactly one of sparsity, macs, params."""
+
+    model_name: str
+    dataset: str
+    out: Path
+    data_dir: str = "data"
+    checkpoint: Path | None = None
+    sparsity: float | None = None
+    macs: float | None = None
+    params: float | None = None
+    method: str = "intra_fusion_repair"
+    criterion: str = "l1"
+    allocation: str = "sensitivity"
+    calibration_batches: int = 10
+    batch_size: int = 128
+    finetune_epochs: int = 0
+    finetune_lr: float = 0.01
+    held_out: int = 1000
+    round_to: int | None = None
+    iterative: bool = False
+    profile_cache: Path | None = None   # default results/profiles.json
+    device: str = "cpu"
+    onnx: Path | None = None            # also write the compressed model there (export_onnx)
+
+    def budget(self) -> tuple[str, float]:
+        """(kind, value) of the one budget given; IntraFusionError for none or several."""
+        return one_budget(sparsity=self.sparsity, macs=self.macs, params=self.params)
+
+    def report_path(self) -> Path:
+        return Path(self.out).with_suffix(".json")
+
+
+def validate(config: CompressConfig) -> None:
+    """Reject settings that cannot work before anything is loaded or written."""
+    for value, choices, what in ((config.model_name, MODEL_NAMES, "model name"),
+                                 (config.dataset, DATASET_NAMES, "dataset"),
+                                 (config.criterion, CRITERIA, "criterion"),
+                                 (config.allocation, ALLOCATIONS, "allocation")):
+        if value not in choices:
+            raise IntraFusionError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+    kind, value = config.budget()
+    if kind == "sparsity" and config.allocation == "uniform":
+        if not 0 <= value < 1:
+            raise IntraFusionError(f"sparsity {value} outside [0, 1): pass values like 0.3 0.5")
+    else:
+        check_budget(kind, value)
+    method = get_method(config.method)
+    needs_data = [what for what, needed in ((f"method {method.name!r}", method.repair),
+                                            (f"criterion {config.criterion!r}", config.criterion in DATA_CRITERIA))
+                  if needed]
+    if config.calibration_batches < 1 and needs_data:
+        raise IntraFusionError(f"{needs_data[0]} needs calibration data: --calibration-batches must be at least 1")
+    for flag, value, least in (("--calibration-batches", config.calibration_batches, 0),
+                               ("--finetune-epochs", config.finetune_epochs, 0),
+                               ("--held-out", config.held_out, 1), ("--batch-size", config.batch_size, 1)):
+        if not value >= least:
+            raise IntraFusionError(f"{flag} must be at least {least}, got {value}")
+    if not (math.isfinite(config.finetune_lr) and config.finetune_lr > 0):
+        raise IntraFusionError(f"--finetune-lr must be a positive number, got {config.finetune_lr}")
+    for path in (Path(config.out), config.report_path()):
+        check_writable(path)
+    if config.onnx is not None:
+        check_writable(config.onnx)
+
+
+def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """{"accuracy" (fraction of `images`), "params", "macs" (op counter, one image)} of `model`."""
+    macs, params = count_macs_params(model, images[:1])
+    return {"accuracy": accuracy(model, images, labels), "params": params, "macs": macs}
+
+
+def held_out_set(dataset, config: CompressConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized held-out training images and labels, disjoint from the calibration batches."""
+    n = len(dataset.train_labels)
+    used = calibration_indices(n, config.calibration_batches, config.batch_size, seed=1)
+    index = held_out_indices(n, config.held_out, used)
+    return dataset.normalize(dataset.train_images[index]), dataset.train_labels[index]
+
+
+def run_compress(config: CompressConfig, log=print) -> dict:
+    """Compress the checkpoint, fine-tune it if asked, save it (intrafusion.save) to config.out
+    and its report beside it (.json); return the report."""
+    from ..api import compress
+    from ..serialize import save
+    validate(config)
+    start = time.perf_counter()
+    kind, value = config.budget()
+    grid = GridConfig(model_name=config.model_name, dataset=config.dataset, checkpoint=config.checkpoint)
+    state, digest = open_checkpoint(grid)
+    dataset = load_dataset(config.dataset, config.data_dir)
+    device = torch.device(config.device)
+    model = model_from_state(config.model_name, dataset.num_classes, state["model_state_dict"],
+                             grid.checkpoint_path()).to(device).eval()
+    test_x, test_y = dataset.test_tensors()
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    base = measure(model, test_x, test_y)
+    log(f"{config.model_name} on {config.dataset}: unpruned {100 * base['accuracy']:.2f}%, "
+        f"{base['macs'] / 1e6:.1f} M MACs, {base['params'] / 1e6:.2f} M parameters")
+    calibration = [(x.to(device), y.to(device)) for x, y in
+                   calibration_batches(dataset, config.calibration_batches, config.batch_size, seed=1)]
+    held_out = None
+    if config.allocation == "sensitivity":
+        held_out = tuple(t.to(device) for t in held_out_set(dataset, config))
+    small = compress(model, test_x[:1], **{kind: value}, method=config.method,
+                     criterion=config.criterion, calibration=calibration or None,
+                     allocation=config.allocation, held_out=held_out, round_to=config.round_to,
+                     iterative=config.iterative,
+                     profile_cache=config.profile_cache or Path("results") / "profiles.json")
+    plan = plan_from_widths(Pruner(copy.deepcopy(model), test_x[:1], dataset.num_classes), small)
+    if config.finetune_epochs:
+        finetune(small, dataset, config.finetune_epochs, config.finetune_lr, config.batch_size, device)
+    compressed = measure(small, test_x, test_y)
+    save(small, config.out)
+    if config.onnx is not None:
+        export_onnx(small, test_x[:1], config.onnx)
+        log(f"wrote {config.onnx} (ONNX)")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    report = {"base": base, "compressed": compressed, "sparsities": {str(g): s for g, s in plan.items()},
+              "settings": {**settings, "checkpoint_sha256": digest},
+              "seconds": round(time.perf_counter() - start, 2)}
+    atomic_write(config.report_path(), (json.dumps(report, indent=1) + "\n").encode(),
+                 "rerun the compress command")
+    log(f"compressed: {100 * compressed['accuracy']:.2f}%, {100 * compressed['macs'] / base['macs']:.1f}% "
+        f"of the MACs, {100 * compressed['params'] / base['params']:.1f}% of the parameters; "
+        f"wrote {config.out} and {config.report_path()}")
+    return report
+
+
+def evaluate_saved(path: Path | str, dataset: str, data_dir: str = "data", device: str = "cpu") -> dict:
+    """{"accuracy", "params", "macs"} of the compressed model saved at `path` on the whole test set
+    (the same measurement as the compress report's "compressed")."""
+    from ..serialize import load
+    if dataset not in DATASET_NAMES:
+        raise IntraFusionError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
+    model = load(path).to(device).eval()
+    test_x, test_y = load_dataset(dataset, data_dir).test_tensors()
+    return measure(model, test_x.to(device), test_y.to(device))
