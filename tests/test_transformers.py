@@ -217,7 +217,7 @@ def test_loading_a_state_dict_syncs_the_head_counts():
     torch.testing.assert_close(fresh(x), pruner.model(x))
 
 
-@pytest.mark.parametrize("name", ["vit_tiny", "mixer", "mobilenetv2"])
+@pytest.mark.parametrize("name", ["vit_tiny", "mixer", pytest.param("mobilenetv2", marks=pytest.mark.slow)])
 def test_registry_models_train_in_channels_last_and_prune(name):
     from intrafusion.experiments.training import sgd_step
 
@@ -253,6 +253,7 @@ def test_pruned_vit_tiny_saves_and_loads_by_itself(tmp_path):
     assert [loaded.get_submodule(a.name).num_attention_heads for a in find_attention(loaded)] == [4, 4, 2]
 
 
+@pytest.mark.slow
 def test_main_grid_runs_vit_tiny_on_its_mlp_groups(tmp_path):
     """main.py with --model-name vit_tiny: the registry's pruner options (residual stream left
     out), repair on 3-D token activations, one row per cell."""
