@@ -62,6 +62,7 @@ def test_snap_keeps_multiples_of_round_to():
     assert A.snap(64, 64, 8) == 64 and A.snap(6, 3, 8) == 3 and A.snap(10, 0, None) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net", ["vgg", "resnet"])
 def test_cost_model_predicts_the_op_counter(net, request):
     pruner, model = request.getfixturevalue(net)
@@ -171,6 +172,7 @@ def test_held_out_loss_and_profile_match_full_forward_passes():
     assert loss.evaluator.stats["prefix_computed"] >= 1
 
 
+@pytest.mark.slow
 def test_sensitivity_allocation_meets_the_budget_and_caches_its_profile(tmp_path):
     pruner = Pruner(small_vgg(), X, 10)
     g = torch.Generator().manual_seed(6)
@@ -197,6 +199,7 @@ def test_sensitivity_allocation_meets_the_budget_and_caches_its_profile(tmp_path
     assert len(calls) == 2 * measured   # another method: measured again
 
 
+@pytest.mark.slow
 def test_iterative_allocation_meets_the_budget():
     pruner = Pruner(small_vgg(), X, 10)
     g = torch.Generator().manual_seed(7)
