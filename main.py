@@ -1,4 +1,4 @@
-"""Compare default pruning with Intra-Fusion: `python main.py --help`."""
+"""Compare default pruning with Intra-Fusion: `python main.py --help` (= `intrafusion grid`)."""
 from intrafusion.cli import main
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Train a model from scratch: `python train.py --model-name vgg11_bn --dataset fashion-mnist`."""
+"""Train a model from scratch: `python train.py --model-name vgg11_bn --dataset fashion-mnist`
+(= `intrafusion train`)."""
 from intrafusion.cli import train_main
 
 if __name__ == "__main__":

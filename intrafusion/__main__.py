@@ -1,4 +1,4 @@
-"""`python -m intrafusion plot results/x.csv`: the package's command line (see cli.package_main)."""
+"""`python -m intrafusion <command> …`: the same as the `intrafusion` console command."""
 from .cli import package_main
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
-"""Command-line entry points: thin wrappers that parse flags and call the library."""
+"""Command-line entry points: thin wrappers that parse flags and call the library.
+
+`intrafusion <command> …` (or `python -m intrafusion <command> …`) runs one entry of COMMANDS;
+`main.py` is `intrafusion grid` and `train.py` is `intrafusion train` under their old names. A
+command is a function adding its flags to a parser and a function running the parsed flags, so a
+new one is two functions and one line in COMMANDS."""
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,28 +28,15 @@ def resolve_device(gpu_id: int) -> torch.device:
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose mistakes are UserErrors: one line, exit code 2."""
+    """An ArgumentParser whose mistakes are IntraFusionErrors: one line, exit code 2."""
 
     def error(self, message):
         raise IntraFusionError(f"{message} (see {self.prog} --help)")
 
 
-def _run(entry, argv) -> int:
-    try:
-        return entry(argv)
-    except IntraFusionError as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished work is saved, rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-
-
-def train_parser() -> argparse.ArgumentParser:
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     from .experiments.data import DATASET_NAMES
     from .models import MODEL_NAMES
-    p = _Parser(prog="train.py", description="Train a CIFAR-style model from scratch.")
     p.add_argument("--model-name", default="vgg11_bn", choices=MODEL_NAMES)
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES)
     p.add_argument("--data-dir", default="data")
@@ -58,16 +52,14 @@ def train_parser() -> argparse.ArgumentParser:
                    help="checkpoint path (default models/<dataset>/<model>.checkpoint, "
                         "models/<model>.checkpoint for cifar10)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
 
 
-def _train(argv) -> int:
+def _train(args: argparse.Namespace) -> int:
     import math
 
     from .experiments.checkpoints import default_checkpoint
     from .experiments.data import load_dataset
     from .experiments.training import TrainSettings, new_model, train
-    args = train_parser().parse_args(argv)
     device = resolve_device(args.gpu_id)
     if args.epochs < 1 or args.batch_size < 1 or not (math.isfinite(args.lr) and args.lr > 0):
         raise IntraFusionError("--epochs, --batch-size and --lr must be positive")
@@ -83,24 +75,17 @@ def _train(argv) -> int:
     return 0
 
 
-def train_main(argv=None) -> int:
-    return _run(_train, argv)
-
-
 def group_index(value: str):
     """A --group_idxs value: an int, or 'all'."""
     return "all" if value == "all" else int(value)
 
 
-def main_parser() -> argparse.ArgumentParser:
+def _grid_arguments(p: argparse.ArgumentParser) -> None:
     from .experiments.data import DATASET_NAMES
     from .fusion import FUSION_RULES
     from .importance import CRITERIA
     from .methods import METHOD_NAMES
     from .transport import MARGINALS, TARGETS
-    p = _Parser(
-        prog="main.py",
-        description="Compare default pruning with Intra-Fusion per group and sparsity.")
     p.add_argument("--model-name", default="vgg11_bn", help="model architecture (e.g. vgg11_bn, resnet18)")
     p.add_argument("--group_idxs", type=group_index, nargs="*", default=[1, 2, 3],
                    help="groups to prune, each on its own, counted from the output (0 = last "
@@ -138,13 +123,11 @@ def main_parser() -> argparse.ArgumentParser:
                         "prefix activations (for benchmarks; same results)")
     p.add_argument("--cache-mb", type=float, default=2048,
                    help="memory budget of cached prefix activations (MiB)")
-    return p
 
 
-def _main(argv) -> int:
+def _grid(args: argparse.Namespace) -> int:
     from .experiments.grid import GridConfig, run_grid
     from .groups import FusionSettings
-    args = main_parser().parse_args(argv)
     device = resolve_device(args.gpu_id)
     config = GridConfig(
         model_name=args.model_name, dataset=args.dataset, data_dir=args.data_dir,
@@ -165,28 +148,83 @@ def _main(argv) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    return _run(_main, argv)
+def _plot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("csv", help="a CSV written by main.py")
+    p.add_argument("--out", default=None, help="PNG path (default: the CSV's path with .png)")
 
 
-def package_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m intrafusion", description="Tools for Intra-Fusion result files.")
-    commands = p.add_subparsers(dest="command", required=True)
-    plot = commands.add_parser("plot", help="draw a results CSV into a PNG",
-                               description="Accuracy against sparsity per group and method.")
-    plot.add_argument("csv", help="a CSV written by main.py")
-    plot.add_argument("--out", default=None, help="PNG path (default: the CSV's path with .png)")
-    return p
-
-
-def _package(argv) -> int:
+def _plot(args: argparse.Namespace) -> int:
     from .experiments.plotting import plot_all
-    args = package_parser().parse_args(argv)
     for png in plot_all(args.csv, args.out):
         print(f"wrote {png}")
     return 0
 
 
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: a one-line summary, the function adding its flags, the function running them."""
+    summary: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS = {
+    "grid": Command("compare default pruning with Intra-Fusion per group and sparsity (= main.py)",
+                    _grid_arguments, _grid),
+    "train": Command("train a CIFAR-style model from scratch (= train.py)", _train_arguments, _train),
+    "plot": Command("draw a results CSV into a PNG: accuracy against sparsity per group and method",
+                    _plot_arguments, _plot),
+}
+
+
+def command_parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of one command; `prog` names it in usage and errors (default `intrafusion <name>`)."""
+    command = COMMANDS[name]
+    p = _Parser(prog=prog or f"intrafusion {name}", description=command.summary)
+    command.add_arguments(p)
+    return p
+
+
+def package_parser() -> argparse.ArgumentParser:
+    """`intrafusion COMMAND …`: every command of COMMANDS as a subparser."""
+    p = _Parser(prog="intrafusion", description="Intra-Fusion structured pruning "
+                "(Theus et al., ICLR 2024); `intrafusion COMMAND --help` for a command's flags.")
+    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        command.add_arguments(commands.add_parser(name, help=command.summary,
+                                                  description=command.summary))
+    return p
+
+
+def _execute(argv, name: str | None = None, prog: str | None = None) -> int:
+    """Parse `argv` for the command `name` (None: argv's first word names it) and run it. Mistakes
+    are one line `error: …` on stderr and exit code 2; Ctrl-C says that finished work is kept."""
+    try:
+        if name is None:
+            args = package_parser().parse_args(argv)
+            name = args.command
+        else:
+            args = command_parser(name, prog).parse_args(argv)
+        return COMMANDS[name].run(args)
+    except IntraFusionError as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is saved, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
 def package_main(argv=None) -> int:
-    """`python -m intrafusion plot results/x.csv`."""
-    return _run(_package, argv)
+    """The `intrafusion` console command and `python -m intrafusion`."""
+    return _execute(argv)
+
+
+def main(argv=None) -> int:
+    """main.py: `intrafusion grid` under its old name."""
+    return _execute(argv, "grid", "main.py")
+
+
+def train_main(argv=None) -> int:
+    """train.py: `intrafusion train` under its old name."""
+    return _execute(argv, "train", "train.py")

@@ -1,12 +1,17 @@
-"""Small models and generated data shared by the tests."""
+"""Small models, generated data, checkpoints and CSV rows shared by the tests (the fixtures
+built from them are in conftest.py)."""
 from __future__ import annotations
 
+import csv
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def randomize_batchnorms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
@@ -83,3 +88,61 @@ class TinyResNet(nn.Module):
         out = torch.relu(out + self.abn2(self.a2(torch.relu(self.abn1(self.a1(out))))))
         out = torch.relu(self.short(out) + self.bbn2(self.b2(torch.relu(self.bbn1(self.b1(out))))))
         return self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+NARROW_VGG11 = [8, "M", 16, "M", 32, 32, "M", 64, 64, "M", 64, 64, "M"]
+
+
+@contextmanager
+def narrow_vggs():
+    """Within the block, build_model("vgg11") and build_model("vgg11_bn") build VGG11 at 1/8 of
+    its widths: the same 8 groups, layer names and segments for 1/64 of the work, so tests of
+    main.py and train.py run in this process in a fraction of a second per cell."""
+    import pytest
+    from intrafusion import models
+    from intrafusion.models import VGG
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(models._BUILDERS, "vgg11", lambda c: VGG(NARROW_VGG11, c, batch_norm=False))
+        patch.setitem(models._BUILDERS, "vgg11_bn", lambda c: VGG(NARROW_VGG11, c))
+        yield
+
+
+def calibrated_model(name: str, data_dir: Path, classes: int = 10, seed: int = 0) -> nn.Module:
+    """A random built-in model whose BN statistics are measured on the CIFAR-format data in
+    `data_dir`, so its predictions vary with the input (and pruning changes them) instead of
+    being one constant class."""
+    from intrafusion.experiments.data import load_dataset
+    from intrafusion.models import build_model
+    torch.manual_seed(seed)
+    model = build_model(name, classes)
+    ds = load_dataset("cifar10", data_dir, download=False)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(ds.normalize(torch.cat([ds.train_images, ds.test_images])))
+        head = model.classifier if hasattr(model, "classifier") else model.linear
+        head.bias.zero_()
+    return model.eval()
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> Path:
+    """`model` in the authors' checkpoint format, as main.py reads it."""
+    torch.save({"model_state_dict": model.state_dict(), "test_accuracy": 10.0, "epoch": 1}, path)
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a CSV as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    """Rows without prune_seconds, the one column that differs between identical runs."""
+    return [{k: v for k, v in r.items() if k != "prune_seconds"} for r in rows]
+
+
+def cells(rows: list[dict]) -> list[tuple]:
+    """The (criterion, group, sparsity, method) key of each row."""
+    return [(r["criterion"], r["group"], r["sparsity"], r["method"]) for r in rows]

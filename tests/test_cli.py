@@ -1,38 +1,26 @@
-import csv
+"""The command line: main.py, the `intrafusion` command's subcommands, and their mistakes."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import randomize_batchnorms, write_cifar
-from intrafusion.cli import main
+from helpers import ROOT, read_rows, without_timing
+from intrafusion.cli import COMMANDS, main, package_main
 from intrafusion.experiments.results import CSV_COLUMNS
-from intrafusion.models import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
-def cifar_run(tmp_path):
-    write_cifar(tmp_path / "data", n_train=40, n_test=30)
-    torch.manual_seed(0)
-    model = randomize_batchnorms(build_model("vgg11_bn"))
-    ckpt = tmp_path / "vgg.checkpoint"
-    torch.save({"model_state_dict": model.state_dict(), "test_accuracy": 10.0, "epoch": 1}, ckpt)
-    return tmp_path, ckpt
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def cifar_run(grid_env, tmp_path):
+    """(a fresh folder, the shared data folder, the shared checkpoint)."""
+    return tmp_path, *grid_env
 
 
 def test_main_writes_the_grid_csv(cifar_run, capsys):
-    tmp, ckpt = cifar_run
+    tmp, data, ckpt = cifar_run
     out = tmp / "res.csv"
-    code = main(["--model-name", "vgg11_bn", "--dataset", "cifar10", "--data-dir", str(tmp / "data"),
+    code = main(["--model-name", "vgg11_bn", "--dataset", "cifar10", "--data-dir", str(data),
                  "--checkpoint", str(ckpt), "--group_idxs", "1", "2", "--sparsities", "0.3", "0.6",
                  "--out", str(out)])
     assert code == 0
@@ -56,9 +44,9 @@ def test_main_writes_the_grid_csv(cifar_run, capsys):
 
 
 def test_main_default_output_path(cifar_run, monkeypatch):
-    tmp, ckpt = cifar_run
+    tmp, data, ckpt = cifar_run
     monkeypatch.chdir(tmp)
-    assert main(["--dataset", "cifar10", "--checkpoint", str(ckpt), "--group_idxs", "0",
+    assert main(["--dataset", "cifar10", "--data-dir", str(data), "--checkpoint", str(ckpt), "--group_idxs", "0",
                  "--sparsities", "0.5", "--methods", "intra_fusion", "--importance_criteria", "l2"]) == 0
     rows = read_rows(tmp / "results" / "vgg11_bn_cifar10_l2.csv")
     assert [r["method"] for r in rows] == ["none", "intra_fusion"]
@@ -67,23 +55,65 @@ def test_main_default_output_path(cifar_run, monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     (["--model-name", "vgg12"], "unknown model name 'vgg12'"),
-    (["--importance_criteria", "l3"], "unknown criterion 'l3'"),
-    (["--target", "nearest"], "unknown target 'nearest'"),
-    (["--fusion-rule", "sum"], "unknown fusion rule 'sum'"),
-    (["--sparsities", "1.0"], "sparsity 1.0 outside [0, 1)"),
     (["--group_idxs", "8"], "group index 8 out of range: the model has 8 groups"),
-    (["--checkpoint", "missing.checkpoint"], "checkpoint missing.checkpoint not found"),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(cifar_run, capsys, args, message, monkeypatch):
-    tmp, ckpt = cifar_run
+def test_a_mistake_creates_no_default_output_folder(cifar_run, capsys, args, message, monkeypatch):
+    """Before loading anything (the model name) or after the checkpoint (the group range):
+    test_errors.py has every mistake; here the default results/ folder is not created."""
+    tmp, data, ckpt = cifar_run
     monkeypatch.chdir(tmp)
-    base = ["--dataset", "cifar10", "--checkpoint", str(ckpt)]
-    assert main(base + args) == 2
+    assert main(["--dataset", "cifar10", "--data-dir", str(data), "--checkpoint", str(ckpt)] + args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp / "results").exists()
 
 
-def test_script_entry_point_runs():
-    proc = subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0 and "--importance_criteria" in proc.stdout
+@pytest.mark.parametrize("name,flag", [("grid", "--importance_criteria"), ("train", "--epochs"),
+                                       ("plot", "--out")])
+def test_every_subcommand_has_its_flags_and_help(name, flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        package_main([name, "--help"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"usage: intrafusion {name} ") and flag in printed
+    assert COMMANDS[name].summary.split(":")[0] in " ".join(printed.split())
+
+
+def test_grid_subcommand_is_main_py(cifar_run, capsys):
+    """`intrafusion grid …` and `main.py …` with the same flags write the same rows."""
+    tmp, data, ckpt = cifar_run
+    args = ["--dataset", "cifar10", "--data-dir", str(data), "--checkpoint", str(ckpt),
+            "--group_idxs", "7", "--sparsities", "0.5", "--quiet"]
+    assert main(args + ["--out", str(tmp / "a.csv")]) == 0
+    assert package_main(["grid", *args, "--out", str(tmp / "b.csv")]) == 0
+    assert without_timing(read_rows(tmp / "a.csv")) == without_timing(read_rows(tmp / "b.csv"))
+    assert len(read_rows(tmp / "a.csv")) == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "the following arguments are required: COMMAND (see intrafusion --help)"),
+    (["prune"], "invalid choice: 'prune'"),
+    (["grid", "--sparsities", "half"], "invalid float value: 'half' (see intrafusion grid --help)"),
+    (["train", "--epochs", "x"], "invalid int value: 'x' (see intrafusion train --help)"),
+])
+def test_subcommand_mistakes_are_one_line(argv, message, capsys):
+    assert package_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_script_entry_points_run():
+    """main.py, train.py and `python -m intrafusion` from the repository root."""
+    for argv, flag in ((["main.py"], "--importance_criteria"), (["train.py"], "--epochs"),
+                       (["-m", "intrafusion", "grid"], "--importance_criteria")):
+        proc = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0 and flag in proc.stdout, proc.stderr
+
+
+def test_console_command_is_installed():
+    """`pip install -e .` (the README's test command) puts `intrafusion` beside the interpreter."""
+    script = Path(sys.executable).parent / "intrafusion"
+    assert script.is_file() and os.access(script, os.X_OK), f"{script} missing: run pip install -e ."
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0 and "grid" in proc.stdout and "plot" in proc.stdout, proc.stderr

@@ -9,8 +9,7 @@ import tarfile
 import pytest
 import torch
 
-from grid_env import calibrated_model, make_env, read_rows, save_checkpoint
-from helpers import write_cifar
+from helpers import calibrated_model, narrow_vggs, read_rows, save_checkpoint, write_cifar
 from intrafusion.experiments import data as data_module
 from intrafusion.experiments.checkpoints import load_tensors
 from intrafusion.cli import main, train_main
@@ -19,10 +18,14 @@ from intrafusion.models import build_model
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Data, a good checkpoint and a set of broken ones."""
-    root = tmp_path_factory.mktemp("errors")
-    data, ckpt = make_env(root)
+def env(grid_files, tmp_path_factory):
+    """Data, a good checkpoint and a set of broken ones (of the narrow vgg11_bn, see conftest)."""
+    with narrow_vggs():
+        return broken_checkpoints(*grid_files, tmp_path_factory.mktemp("errors"))
+
+
+def broken_checkpoints(data, ckpt, root):
+    """(data, ckpt, {name: path}): files under `root` that are not, or do not fit, a checkpoint."""
     good = ckpt.read_bytes()
     bad = {"random": random.Random(0).randbytes(4096), "truncated": good[: len(good) // 2], "empty": b""}
     paths = {name: root / f"{name}.ckpt" for name in bad}
@@ -67,7 +70,7 @@ def test_arbitrary_bytes_are_never_a_traceback(tmp_path, size):
 
 
 @pytest.fixture()
-def base(env, tmp_path):
+def base(env, grid_env, tmp_path):
     data, ckpt, _ = env
     out = tmp_path / "out" / "res.csv"
     return ["--data-dir", str(data), "--checkpoint", str(ckpt), "--group_idxs", "7",
@@ -86,7 +89,7 @@ def base(env, tmp_path):
     (["--sparsities", "1.0"], "sparsity 1.0 outside [0, 1)"),
     (["--sparsities", "-0.1"], "sparsity -0.1 outside [0, 1)"),
     (["--sparsities", "nan"], "sparsity nan outside [0, 1)"),
-    (["--sparsities", "0.99"], "sparsity 0.99 would leave group 7 (64 channels) with no channel"),
+    (["--sparsities", "0.99"], "sparsity 0.99 would leave group 7 (8 channels) with no channel"),
     (["--group_idxs", "8"], "group index 8 out of range: the model has 8 groups (0..7)"),
     (["--group_idxs", "-1"], "group index -1 out of range: the model has 8 groups"),
     (["--group_idxs"], "no group given: pass at least one index to --group_idxs"),
@@ -107,7 +110,7 @@ def test_bad_settings(capsys, base, args, message):
     ("no_state", "is not a checkpoint: expected a dict with 'model_state_dict'"),
     ("extra_key", "does not match the model: unexpected key 'extra.weight'"),
     ("resnet", "does not match the model: key 'features.0.weight' missing (wrong architecture?)"),
-    ("c100", "key 'classifier.weight' has shape (100, 512), expected (10, 512)"),
+    ("c100", "key 'classifier.weight' has shape (100, 64), expected (10, 64)"),
     ("not_tensor", "key 'features.0.weight' is a str, not a tensor"),
 ])
 def test_broken_checkpoints(capsys, env, base, name, message):
@@ -215,7 +218,7 @@ def test_disk_full_while_writing_keeps_whole_rows(capsys, base, monkeypatch):
     assert [r["sparsity"] for r in read_rows(out)] == ["0.0", "0.3", "0.3", "0.5", "0.5", "0.7", "0.7"]
 
 
-def test_training_errors_are_one_line(capsys, env, tmp_path, monkeypatch):
+def test_training_errors_are_one_line(capsys, env, narrow_vgg, tmp_path, monkeypatch):
     data = env[0]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases = [
@@ -240,7 +243,7 @@ def test_training_errors_are_one_line(capsys, env, tmp_path, monkeypatch):
     assert not (tmp_path / "m.checkpoint").exists()
 
 
-def test_training_progress_is_quiet_off_a_terminal(capsys, env, tmp_path):
+def test_training_progress_is_quiet_off_a_terminal(capsys, env, narrow_vgg, tmp_path):
     assert train_main(["--dataset", "cifar10", "--data-dir", str(env[0]), "--model-name", "vgg11",
                        "--epochs", "1", "--batch-size", "20", "--out", str(tmp_path / "m.ckpt")]) == 0
     captured = capsys.readouterr()

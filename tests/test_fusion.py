@@ -28,6 +28,7 @@ def test_sparsity_zero_leaves_outputs_unchanged(make, rule, target):
     torch.testing.assert_close(pruner.model(x), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["vgg11_bn", "resnet18"])
 def test_sparsity_zero_on_the_real_models(model_name):
     pruner = pruner_for(lambda: build_model(model_name), shape=(1, 3, 32, 32))

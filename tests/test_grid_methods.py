@@ -1,28 +1,23 @@
 """main.py with the methods beyond the paper: repair, varfix, whole-network pruning, fine-tuning."""
 import pytest
-import torch
 
-from helpers import randomize_batchnorms, write_cifar
+from helpers import narrow_vggs
 from intrafusion.cli import main
 from intrafusion.groups import FusionSettings
 from intrafusion.methods import METHOD_NAMES, get_method
 from intrafusion.experiments.results import read_table
-from intrafusion.models import build_model
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(grid_files, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grid")
-    write_cifar(tmp / "data", n_train=20, n_test=30)
-    torch.manual_seed(0)
-    ckpt = tmp / "vgg.checkpoint"
-    torch.save({"model_state_dict": randomize_batchnorms(build_model("vgg11_bn")).state_dict(),
-                "test_accuracy": 10.0, "epoch": 1}, ckpt)
-    args = ["--dataset", "cifar10", "--data-dir", str(tmp / "data"), "--checkpoint", str(ckpt),
+    data, ckpt = grid_files
+    args = ["--dataset", "cifar10", "--data-dir", str(data), "--checkpoint", str(ckpt),
             "--group_idxs", "1", "all", "--sparsities", "0.5", "--repair-batches", "1",
             "--finetune-epochs", "2", "--quiet", "--out", str(tmp / "r.csv"), "--methods",
             "default", "intra_fusion_repair", "intra_fusion_varfix"]
-    assert main(args) == 0
+    with narrow_vggs():
+        assert main(args) == 0
     return tmp, args
 
 
@@ -44,7 +39,7 @@ def test_rows_for_every_method_group_and_finetuning_epoch(run):
     assert whole["macs"] < one["macs"]
 
 
-def test_rerun_adds_nothing(run, capsys):
+def test_rerun_adds_nothing(run, narrow_vgg, capsys):
     tmp, args = run
     before = (tmp / "r.csv").read_bytes()
     assert main(args) == 0
@@ -64,7 +59,7 @@ def test_method_descriptions():
                          "intra_fusion_varfix_repair": ("intra_fusion", "varfix", True)}
 
 
-def test_unknown_method_and_group_are_one_line_errors(run, capsys):
+def test_unknown_method_and_group_are_one_line_errors(run, narrow_vgg, capsys):
     tmp, args = run
     assert main(args[:-3] + ["foo"]) == 2
     assert main(args[:args.index("--group_idxs") + 1] + ["first"] + args[args.index("--sparsities"):]) == 2

@@ -5,7 +5,7 @@ import sys
 import pytest
 from matplotlib.image import imread
 
-from grid_env import ROOT, make_env
+from helpers import ROOT
 from intrafusion.cli import main, package_main
 from intrafusion.errors import IntraFusionError
 from intrafusion.experiments.plotting import draw, draw_finetune, plot_all
@@ -132,6 +132,7 @@ def test_plot_command_writes_a_png_beside_the_csv(tmp_path, capsys):
     assert plot_all(csv, tmp_path / "other.png")[0] == tmp_path / "other.png"
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point(tmp_path):
     csv = write_csv(tmp_path / "x.csv", grid_rows())
     proc = subprocess.run([sys.executable, "-m", "intrafusion", "plot", str(csv)], cwd=ROOT,
@@ -178,8 +179,8 @@ def test_summary_table():
     assert one.splitlines()[1] == "group  sparsity  default"
 
 
-def test_main_plot_flag_and_final_table(tmp_path, capsys):
-    data, ckpt = make_env(tmp_path)
+def test_main_plot_flag_and_final_table(grid_env, tmp_path, capsys):
+    data, ckpt = grid_env
     out = tmp_path / "res" / "run.csv"
     assert main(["--data-dir", str(data), "--checkpoint", str(ckpt), "--group_idxs", "6", "7",
                  "--sparsities", "0.5", "--out", str(out), "--plot", "--quiet"]) == 0

@@ -1,16 +1,20 @@
 import pytest
 import torch
 
-from helpers import TinyVGG, randomize_batchnorms
+from helpers import NARROW_VGG11, TinyVGG, randomize_batchnorms, read_rows
 from intrafusion.importance import Scorer
-from intrafusion.models import build_model
+from intrafusion.models import VGG, build_model
 from intrafusion.experiments.prefix import GridEvaluator, first_changed_segment, model_segments, segment_of
 from intrafusion.groups import Pruner
 
 
+SLOW = pytest.mark.slow
+NARROW = "narrow_vgg11_bn"  # VGG11-BN at 1/8 of the widths: the same segments and group numbers
+
+
 def setup(name, n=48, seed=0):
     torch.manual_seed(seed)
-    model = randomize_batchnorms(build_model(name))
+    model = randomize_batchnorms(VGG(NARROW_VGG11) if name == NARROW else build_model(name))
     x = torch.randn(n, 3, 32, 32)
     with torch.no_grad():
         logits = model(x)
@@ -20,9 +24,10 @@ def setup(name, n=48, seed=0):
     return Pruner(model, x[:1]), x, y
 
 
-@pytest.mark.parametrize("name,group,first", [("vgg11_bn", 1, "features.22"), ("vgg11_bn", 3, "features.15"),
-                                              ("resnet18", 1, "layer4.1"), ("resnet18", 2, "layer4.0"),
-                                              ("resnet18", 3, "layer3.0")])
+@pytest.mark.parametrize("name,group,first", [
+    (NARROW, 1, "features.22"), (NARROW, 3, "features.15"), ("resnet18", 1, "layer4.1"),
+    pytest.param("vgg11_bn", 1, "features.22", marks=SLOW), pytest.param("resnet18", 2, "layer4.0", marks=SLOW),
+    pytest.param("resnet18", 3, "layer3.0", marks=SLOW)])
 def test_first_changed_segment_is_where_the_group_starts(name, group, first):
     base, x, _ = setup(name, n=4)
     variant = base.copy()
@@ -33,7 +38,8 @@ def test_first_changed_segment_is_where_the_group_starts(name, group, first):
     assert segment_of(segments, base.changed_modules(group)) == index
 
 
-@pytest.mark.parametrize("name", ["vgg11_bn", "resnet18"])
+@pytest.mark.parametrize("name", [NARROW, pytest.param("vgg11_bn", marks=SLOW),
+                                  pytest.param("resnet18", marks=SLOW)])
 def test_fast_accuracy_equals_full_forward_to_the_last_image(name):
     base, x, y = setup(name)
     fast = GridEvaluator(base, x, y, fast=True, batch_size=16)
@@ -49,7 +55,8 @@ def test_fast_accuracy_equals_full_forward_to_the_last_image(name):
     assert fast.stats["prefix_computed"] <= 4 and full.stats["suffix"] == 0
 
 
-@pytest.mark.parametrize("name", ["vgg11_bn", "resnet18"])
+@pytest.mark.parametrize("name", [NARROW, pytest.param("vgg11_bn", marks=SLOW),
+                                  pytest.param("resnet18", marks=SLOW)])
 @pytest.mark.parametrize("planned", [True, False])
 def test_planned_prefixes_run_every_unpruned_layer_once(name, planned):
     base, x, y = setup(name)
@@ -77,7 +84,7 @@ def test_planned_prefixes_run_every_unpruned_layer_once(name, planned):
 
 
 def test_budget_too_small_falls_back_to_full_forward():
-    base, x, y = setup("vgg11_bn", n=16)
+    base, x, y = setup(NARROW, n=16)
     tight = GridEvaluator(base, x, y, fast=True, cache_mb=1e-4)
     variant = base.copy()
     variant.prune_group(2, 0.5, "default", Scorer("l1"))
@@ -86,8 +93,9 @@ def test_budget_too_small_falls_back_to_full_forward():
 
 
 def test_cache_is_evicted_to_stay_within_budget():
-    base, x, y = setup("vgg11_bn", n=16)
-    one_entry = 16 * 512 * 2 * 2 * 4 / 2 ** 20      # activations entering features.22: (16, 512, 2, 2)
+    base, x, y = setup(NARROW, n=16)
+    width = base.model.features[22].in_channels
+    one_entry = 16 * width * 2 * 2 * 4 / 2 ** 20    # activations entering features.22: (16, width, 2, 2)
     ev = GridEvaluator(base, x, y, fast=True, cache_mb=one_entry * 1.5)
     for group in (1, 0):
         variant = base.copy()
@@ -113,7 +121,7 @@ def test_taylor_gradients_are_measured_once_per_model_unless_disabled(monkeypatc
     calls = []
     real = importance.taylor_gradients
     monkeypatch.setattr(importance, "taylor_gradients", lambda m, b: calls.append(1) or real(m, b))
-    base, x, y = setup("vgg11_bn", n=8)
+    base, x, y = setup(NARROW, n=8)
     batches = [(x, y)]
     for cache, expected in ((True, 1), (False, 4)):
         calls.clear()
@@ -124,21 +132,14 @@ def test_taylor_gradients_are_measured_once_per_model_unless_disabled(monkeypatc
         assert len(calls) == expected
 
 
-def test_naive_and_fast_grids_write_the_same_accuracies(tmp_path):
-    import csv
-    from helpers import write_cifar
+def test_naive_and_fast_grids_write_the_same_accuracies(grid_env, tmp_path):
     from intrafusion.cli import main
-    write_cifar(tmp_path / "data", n_train=20, n_test=40)
-    torch.manual_seed(0)
-    ckpt = tmp_path / "vgg.checkpoint"
-    torch.save({"model_state_dict": randomize_batchnorms(build_model("vgg11_bn")).state_dict(),
-                "test_accuracy": 10.0, "epoch": 1}, ckpt)
+    data, ckpt = grid_env
     accs = {}
     for flag in ([], ["--naive"]):
         out = tmp_path / f"r{len(flag)}.csv"
-        assert main(["--model-name", "vgg11_bn", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+        assert main(["--model-name", "vgg11_bn", "--dataset", "cifar10", "--data-dir", str(data),
                      "--checkpoint", str(ckpt), "--group_idxs", "1", "3", "--sparsities", "0.5",
                      "--importance_criteria", "taylor", "--out", str(out), "--quiet"] + flag) == 0
-        with open(out, newline="") as f:
-            accs[bool(flag)] = [(r["group"], r["method"], r["accuracy"]) for r in csv.DictReader(f)]
+        accs[bool(flag)] = [(r["group"], r["method"], r["accuracy"]) for r in read_rows(out)]
     assert len(accs[False]) == 5 and accs[False] == accs[True]

@@ -1,5 +1,7 @@
 """Properties of pruning on random small CNNs (plain and residual; random widths; with and without
-BN and bias), random groups and sparsities, both fusion rules and both targets."""
+BN and bias), random groups and sparsities, both fusion rules and both targets. Fuzzing: the
+whole file is in the slow tier."""
+import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from torch import nn
@@ -10,6 +12,7 @@ from intrafusion.importance import Scorer
 from intrafusion.groups import PRUNING, FusionSettings, Pruner, kept_count
 from intrafusion.transport import TARGETS
 
+pytestmark = pytest.mark.slow
 SIZE, CLASSES = 8, 5
 PROPERTY = settings(max_examples=25, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from grid_env import ROOT, calibrated_model, cells, make_env, read_rows, save_checkpoint, without_timing
+from helpers import ROOT, calibrated_model, cells, narrow_vggs, read_rows, save_checkpoint, without_timing
 from intrafusion.cli import main
 from intrafusion.errors import IntraFusionError
 from intrafusion.experiments.results import CSV_COLUMNS, CsvLog, previous_rows
@@ -18,13 +18,12 @@ GRID = ["--group_idxs", "6", "7", "--sparsities", "0.3", "0.5", "0.7"]  # 12 qui
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Data, checkpoint and the CSV of an uninterrupted run of GRID."""
-    root = tmp_path_factory.mktemp("grid")
-    data, ckpt = make_env(root)
-    reference = root / "reference.csv"
-    assert main(command(data, ckpt, reference)[2:]) == 0
-    return data, ckpt, reference
+def reference(full_grid_files, tmp_path_factory):
+    """The CSV of an uninterrupted run of GRID on the full-size vgg11_bn (the subprocesses'
+    model: a cell takes long enough to be interrupted)."""
+    out = tmp_path_factory.mktemp("resume") / "reference.csv"
+    assert main(command(*full_grid_files, out)[2:]) == 0
+    return out
 
 
 def command(data, ckpt, out, *extra):
@@ -52,10 +51,11 @@ def interrupt(args, out, sig, after_rows):
     return proc.returncode, err
 
 
-def test_run_killed_twice_resumes_to_the_uninterrupted_csv(env, tmp_path):
+@pytest.mark.slow
+def test_run_killed_twice_resumes_to_the_uninterrupted_csv(full_grid_files, reference, tmp_path):
     """SIGINT after 3 rows, rerun, SIGKILL 3 rows later, rerun to the end: the CSV equals the
     uninterrupted run's (up to prune_seconds), without duplicate rows."""
-    data, ckpt, reference = env
+    data, ckpt = full_grid_files
     out = tmp_path / "run.csv"
     code, err = interrupt(command(data, ckpt, out), out, signal.SIGINT, after_rows=3)
     assert code == 130 and "Traceback" not in err
@@ -75,9 +75,10 @@ def test_run_killed_twice_resumes_to_the_uninterrupted_csv(env, tmp_path):
     assert without_timing(rows) == without_timing(read_rows(reference))
 
 
-def test_file_size_limit_mid_row_leaves_whole_rows_and_resumes(env, tmp_path, capsys):
+@pytest.mark.slow
+def test_file_size_limit_mid_row_leaves_whole_rows_and_resumes(full_grid_files, reference, tmp_path):
     """A real short write: the kernel stops the row at the limit; the half row is cut off."""
-    data, ckpt, reference = env
+    data, ckpt = full_grid_files
     out = tmp_path / "run.csv"
     limit = len(",".join(CSV_COLUMNS)) + 1 + 300  # header, the 'none' row and half a row
 
@@ -96,9 +97,9 @@ def test_file_size_limit_mid_row_leaves_whole_rows_and_resumes(env, tmp_path, ca
 
 
 @pytest.fixture()
-def run(env, tmp_path, capsys):
+def run(grid_env, tmp_path, capsys):
     """main() in this process on the shared data; returns (exit code, stdout, stderr)."""
-    data, ckpt, _ = env
+    data, ckpt = grid_env
 
     def run(*args, checkpoint=ckpt):
         code = main(["--data-dir", str(data), "--checkpoint", str(checkpoint),
@@ -135,9 +136,10 @@ def test_rerunning_a_finished_grid_changes_nothing(run, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def other_checkpoint(env):
-    data, ckpt, _ = env
-    return save_checkpoint(calibrated_model("vgg11_bn", data, seed=1), ckpt.with_name("other.ckpt"))
+def other_checkpoint(grid_files, tmp_path_factory):
+    with narrow_vggs():
+        return save_checkpoint(calibrated_model("vgg11_bn", grid_files[0], seed=1),
+                               tmp_path_factory.mktemp("other") / "other.ckpt")
 
 
 @pytest.mark.parametrize("args,differs", [
@@ -231,9 +233,9 @@ def test_previous_rows_of_a_fresh_or_header_only_file(tmp_path):
     assert path.read_text() == ",".join(CSV_COLUMNS) + "\n"
 
 
-def test_progress_bar_only_when_asked(env, tmp_path, capsys):
+def test_progress_bar_only_when_asked(grid_env, tmp_path, capsys):
     from intrafusion.experiments.grid import GridConfig, run_grid
-    data, ckpt, _ = env
+    data, ckpt = grid_env
     config = GridConfig(data_dir=str(data), checkpoint=ckpt, group_idxs=(7,), sparsities=(0.3,),
                         methods=("default",), out=tmp_path / "a.csv")
     run_grid(config, progress=False)

@@ -35,6 +35,7 @@ def fashion_subset():
     return ds.test_tensors(limit=1000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SHIPPED))
 def test_shipped_checkpoint_matches_its_recorded_accuracy(name, fashion_subset):
     ckpt = shipped(name)

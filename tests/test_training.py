@@ -9,7 +9,7 @@ from intrafusion.experiments.training import TrainSettings, new_model, train
 
 
 @pytest.fixture()
-def tiny(tmp_path):
+def tiny(tmp_path, narrow_vgg):
     write_cifar(tmp_path / "data", n_train=40, n_test=10)
     ds = load_dataset("cifar10", tmp_path / "data", download=False)
     return tmp_path, ds, TrainSettings("vgg11", "cifar10", epochs=2, batch_size=16, lr=0.01)
@@ -20,7 +20,7 @@ def fresh():
     return new_model(TrainSettings("vgg11", "cifar10"), 10)
 
 
-def test_seed_sets_the_initial_weights():
+def test_seed_sets_the_initial_weights(narrow_vgg):
     a, b = fresh().state_dict(), fresh().state_dict()
     c = new_model(TrainSettings("vgg11", "cifar10", seed=1), 10).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

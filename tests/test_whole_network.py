@@ -20,7 +20,7 @@ def test_macs_and_params_of_a_single_conv_and_linear():
 
 
 @pytest.mark.parametrize("make,size", [(TinyVGG, 16), (TinyResNet, 16),
-                                       (lambda: build_model("vgg11_bn"), 32)])
+                                       pytest.param(lambda: build_model("vgg11_bn"), 32, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method", ["default", "intra_fusion"])
 def test_whole_network_pruning_shrinks_every_group(make, size, method):
     torch.manual_seed(0)
