@@ -68,14 +68,15 @@ def test_pruned_mixer_matches_torch_and_keeps_modes(tmp_path):
     assert_runs_like_torch(model.eval(), tmp_path / "mixer.onnx")
 
 
-def test_hugging_face_output_exports_its_logits(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=4, intermediate_size=64, num_labels=10)
-    torch.manual_seed(0)
-    model = transformers.ViTForImageClassification(config).eval()
-    export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path / "vit.onnx")
-    assert_runs_like_torch(model, tmp_path / "vit.onnx")
+@pytest.mark.filterwarnings("ignore:intra_fusion. :UserWarning")
+def test_pruned_vit_exports_its_logits_with_fewer_heads(tmp_path):
+    pytest.importorskip("transformers")
+    net = pruned("vit_tiny").net  # the transformers model itself: it returns a ModelOutput
+    layer = net.vit.layers[0]
+    assert net.config.num_attention_heads == 2 and layer.mlp.fc1.out_features == 48  # 4 → 2, 96 → 48
+    assert [layer.attention.q_proj.out_features, layer.attention.o_proj.in_features] == [24, 24]
+    export_onnx(net, torch.randn(1, 3, 32, 32), tmp_path / "vit.onnx")
+    assert_runs_like_torch(net, tmp_path / "vit.onnx")
 
 
 class DictOutput(nn.Module):
@@ -112,4 +113,5 @@ def test_unwritable_path_fails_before_exporting(where, message, tmp_path):
     with pytest.raises(IntraFusionError, match=message):
         export_onnx(nn.Linear(4, 2), torch.randn(1, 4), where(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
 
