@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from intrafusion.experiments.checkpoints import default_checkpoint, ensure_unzipped, load_weights, read_checkpoint  # noqa: E402
+from intrafusion.experiments.checkpoints import default_checkpoint, ensure_unzipped, model_from_state, read_checkpoint  # noqa: E402
 from intrafusion.experiments.data import load_dataset  # noqa: E402
 from intrafusion.experiments.grid import calibration_batches  # noqa: E402
 from intrafusion.importance import Scorer  # noqa: E402
@@ -64,13 +64,12 @@ def segment_macs(model: nn.Module, segments, x: torch.Tensor) -> list[int]:
 
 def load_model(name: str, dataset: str, num_classes: int) -> tuple[nn.Module, str]:
     """The model with its shipped weights, and the checkpoint's digest ("untrained" if none)."""
-    model = build_model(name, num_classes)
     path = default_checkpoint(name, dataset)
     ensure_unzipped(path)
     if not path.is_file():
         print(f"  ({path} not found: using an untrained {name})")
-        return model.eval(), "untrained"
-    load_weights(model, read_checkpoint(path)["model_state_dict"], path)
+        return build_model(name, num_classes).eval(), "untrained"
+    model = model_from_state(name, num_classes, read_checkpoint(path)["model_state_dict"], path)
     return model.eval(), file_digest(path)[:12]
 
 

@@ -19,7 +19,9 @@ from .errors import IntraFusionError
 
 def resolve_device(gpu_id: int) -> torch.device:
     """CPU for -1, else cuda:<gpu_id>; a IntraFusionError when that GPU does not exist."""
-    if gpu_id < 0:
+    if gpu_id < -1:
+        raise IntraFusionError(f"--gpu_id must be -1 (the CPU) or a CUDA device index, got {gpu_id}")
+    if gpu_id == -1:
         return torch.device("cpu")
     if not torch.cuda.is_available() or gpu_id >= torch.cuda.device_count():
         raise IntraFusionError(f"--gpu_id {gpu_id} given but no such CUDA GPU is available; "
@@ -55,20 +57,14 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import math
-
     from .experiments.checkpoints import default_checkpoint
     from .experiments.data import load_dataset
     from .experiments.training import TrainSettings, new_model, train
     device = resolve_device(args.gpu_id)
-    if args.epochs < 1 or args.batch_size < 1 or not (math.isfinite(args.lr) and args.lr > 0):
-        raise IntraFusionError("--epochs, --batch-size and --lr must be positive")
-    if not 0 < args.momentum < 1 or not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        raise IntraFusionError("--momentum must lie in (0, 1) (Nesterov SGD) and --weight-decay be >= 0")
-    dataset = load_dataset(args.dataset, args.data_dir)
-    out = Path(args.out) if args.out else default_checkpoint(args.model_name, args.dataset)
     settings = TrainSettings(args.model_name, args.dataset, args.epochs, args.batch_size, args.lr,
                              args.momentum, args.weight_decay, not args.no_augment, args.seed)
+    dataset = load_dataset(args.dataset, args.data_dir)
+    out = Path(args.out) if args.out else default_checkpoint(args.model_name, args.dataset)
     result = train(new_model(settings, dataset.num_classes), dataset, settings, out, device,
                    quiet=args.quiet or not sys.stderr.isatty())
     print(f"saved {out}: test accuracy {result['test_accuracy']:.2f}%")

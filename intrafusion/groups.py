@@ -13,6 +13,7 @@ conv/linear layers while that layer's parameters are pruned by index.
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -186,7 +187,14 @@ class Pruner:
             memo[id(pruner)] = pruner
         for node in self.graph.module2node.values():
             memo[id(node.grad_fn)] = node.grad_fn
-        return copy.deepcopy(self, memo)
+        # deepcopy recurses along the chain of graph nodes (a few frames per node): ResNet50's
+        # 175 nodes exceed Python's default limit of 1000
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit + 20 * len(self.graph.module2node))
+        try:
+            return copy.deepcopy(self, memo)
+        finally:
+            sys.setrecursionlimit(limit)
 
     def _notice(self, name: str, reason: str) -> None:
         """Warn once per (layer type, reason) across this pruner and its copies."""

@@ -226,7 +226,7 @@ def test_training_errors_are_one_line(capsys, env, narrow_vgg, tmp_path, monkeyp
         (["--epochs", "0"], "--epochs, --batch-size and --lr must be positive"),
         (["--lr", "nan"], "--epochs, --batch-size and --lr must be positive"),
         (["--momentum", "0"], "--momentum must lie in (0, 1)"),
-        (["--weight-decay", "-1"], "--weight-decay be >= 0"),
+        (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
         (["--gpu_id", "0"], "no such CUDA GPU"),
         (["--out", str(tmp_path)], "it is a directory"),
     ]

@@ -1,13 +1,25 @@
 import pytest
 import torch
+from torch import nn
 
 from intrafusion.models import MODEL_NAMES, build_model
 
 
-@pytest.mark.parametrize("name,params", [("vgg11_bn", 9231114), ("resnet18", 11173962),
-                                         ("vgg11", 9225610), ("resnet50", 23520842)])
+@pytest.mark.parametrize("name,params", [("vgg11_bn", 9231114), ("resnet18", 11178762),
+                                         ("vgg11", 9225610), ("resnet50", 23547402)])
 def test_parameter_counts_match_the_cifar_architectures(name, params):
+    """ResNets in the authors' layout: every conv has a bias (4,800 of them in ResNet18)."""
     assert sum(p.numel() for p in build_model(name).parameters()) == params
+
+
+@pytest.mark.parametrize("name,params", [("resnet18", 11173962), ("resnet50", 23520842)])
+def test_a_bias_free_state_builds_the_bias_free_resnet(name, params):
+    authors = build_model(name)
+    conv_biases = {f"{n}.bias" for n, m in authors.named_modules() if isinstance(m, nn.Conv2d)}
+    state = {k: v for k, v in authors.state_dict().items() if k not in conv_biases}
+    model = build_model(name, state=state)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert set(model.state_dict()) == set(state)
 
 
 def test_parameter_names_match_the_authors_checkpoints():
@@ -18,7 +30,8 @@ def test_parameter_names_match_the_authors_checkpoints():
     assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer1.1.bn2.bias",
             "layer2.0.shortcut.0.weight", "layer2.0.shortcut.1.running_mean", "layer4.1.conv2.weight",
             "linear.weight", "linear.bias"} <= set(res)
-    assert "layer1.0.shortcut.0.weight" not in res and "conv1.bias" not in res
+    assert "layer1.0.shortcut.0.weight" not in res
+    assert {"conv1.bias", "layer1.0.conv2.bias", "layer2.0.shortcut.0.bias"} <= set(res)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from intrafusion.experiments import data
-from intrafusion.experiments.checkpoints import MODELS_ZIP, load_weights
+from intrafusion.experiments.checkpoints import MODELS_ZIP, model_from_state
 from intrafusion.experiments.data import load_dataset
 from intrafusion.evaluation import accuracy
-from intrafusion.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ZIP = ROOT / MODELS_ZIP
@@ -40,8 +39,7 @@ def fashion_subset():
 def test_shipped_checkpoint_matches_its_recorded_accuracy(name, fashion_subset):
     ckpt = shipped(name)
     assert {"model_state_dict", "test_accuracy", "epoch"} <= set(ckpt)
-    model = build_model(name)
-    load_weights(model, ckpt["model_state_dict"], SHIPPED[name])   # strict: every key and shape
+    model = model_from_state(name, 10, ckpt["model_state_dict"], SHIPPED[name])   # strict: every key and shape
     assert set(model.state_dict()) == set(ckpt["model_state_dict"])
     assert ckpt["test_accuracy"] >= 92.0
     measured = 100 * accuracy(model, *fashion_subset)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import IntraFusionError
+from ..models import build_model
 
 MODELS_ZIP = Path("models.zip")
 
@@ -73,11 +74,16 @@ def load_tensors(path: Path, hint: str):
         raise IntraFusionError(f"{path} is not a readable checkpoint ({why}); {hint}") from None
 
 
-def read_checkpoint(path: Path) -> dict:
-    """Load a checkpoint dict with weights_only=True; IntraFusionError if it is not a checkpoint."""
+def read_checkpoint(path: Path, dataset: str | None = None) -> dict:
+    """Load a checkpoint dict with weights_only=True; IntraFusionError if it is not a checkpoint
+    (for a missing one, `dataset` says where its checkpoints come from)."""
     path = Path(path)
     if not path.is_file():
-        raise IntraFusionError(f"checkpoint {path} not found: train one with train.py or pass --checkpoint")
+        where = ("; the paper's CIFAR-10 checkpoints are the authors' models.zip (unzip it into "
+                 "models/); the ones shipped with this project are Fashion-MNIST checkpoints, used "
+                 "with --dataset fashion-mnist" if dataset == "cifar10" else "")
+        raise IntraFusionError(f"checkpoint {path} not found: train one with train.py or pass "
+                               f"--checkpoint{where}")
     hint = "pass a checkpoint written by train.py or the authors' models/<name>.checkpoint"
     data = load_tensors(path, hint)
     if not isinstance(data, dict) or "model_state_dict" not in data:
@@ -105,4 +111,25 @@ def load_weights(model: nn.Module, state: dict, source: Path | str) -> None:
         if key not in expected:
             raise IntraFusionError(f"{source} does not match the model: unexpected key {key!r} "
                             "(wrong architecture?)")
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise IntraFusionError(f"{source} holds NaN or infinite values in tensor {bad!r}: the network "
+                               "is broken (diverged training?); pass a checkpoint with finite weights")
     model.load_state_dict(state, strict=True)
+
+
+def first_non_finite(state: dict) -> str | None:
+    """The first key of `state` (in its order) whose tensor holds a NaN or ±Inf, else None."""
+    for key, value in state.items():
+        if value.is_floating_point() or value.is_complex():
+            if not bool(torch.isfinite(value).all()):
+                return key
+    return None
+
+
+def model_from_state(name: str, num_classes: int, state: dict, source: Path | str) -> nn.Module:
+    """Model `name` built in the layout of `state` (models.build_model) with `state` loaded
+    strictly (load_weights)."""
+    model = build_model(name, num_classes, state=state)
+    load_weights(model, state, source)
+    return model

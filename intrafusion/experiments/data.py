@@ -120,6 +120,10 @@ def _download(url: str, target: Path) -> None:
     partial.replace(target)
 
 
+_OFFLINE_HINT = ("without CIFAR, run the Fashion-MNIST checkpoints shipped in models.zip with "
+                 "--dataset fashion-mnist")
+
+
 def _load_cifar(name: str, root: Path, download: bool) -> Dataset:
     spec = _CIFAR[name]
     folder = root / spec["folder"]
@@ -129,12 +133,13 @@ def _load_cifar(name: str, root: Path, download: bool) -> Dataset:
         if not archive.is_file():
             if not download:
                 raise IntraFusionError(f"{name} not found: put the python-pickle batches in {folder}/ "
-                                f"or {archive.name} in {root}/")
+                                f"or {archive.name} in {root}/; {_OFFLINE_HINT}")
             try:
                 _download(spec["url"], archive)
             except (OSError, http.client.HTTPException) as exc:
                 raise IntraFusionError(f"{name} not found and download failed ({exc}): put the files "
-                                f"from {spec['url']} in {root}/ (unpacked to {folder}/)") from None
+                                f"from {spec['url']} in {root}/ (unpacked to {folder}/); "
+                                f"{_OFFLINE_HINT}") from None
         if file_digest(archive, "md5") != spec["md5"]:
             raise IntraFusionError(f"corrupt dataset file {archive}: md5 checksum mismatch; delete it "
                             f"and download {spec['url']} again")

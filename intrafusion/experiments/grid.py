@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 import time
 import zlib
 from contextlib import ExitStack
@@ -27,9 +28,9 @@ from ..evaluation import accuracy
 from ..groups import FusionSettings, Pruner, check_sparsity, count_macs_params, kept_count
 from ..importance import CRITERIA, DATA_CRITERIA, Scorer
 from ..methods import get_method
-from ..models import MODEL_NAMES, build_model, pruner_options
+from ..models import MODEL_NAMES, pruner_options
 from ..repair import reference_statistics, repair_pruned
-from .checkpoints import default_checkpoint, ensure_unzipped, load_weights, read_checkpoint
+from .checkpoints import default_checkpoint, ensure_unzipped, model_from_state, read_checkpoint
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .prefix import GridEvaluator
 from .report import FT, budget_table, finetune_table, summary_table
@@ -125,10 +126,17 @@ def validate(config: GridConfig) -> None:
     for g in config.group_idxs:
         if g != "all" and not isinstance(g, int):
             raise IntraFusionError(f"group {g!r} is neither an index nor 'all'")
+    for flag, value, least in (("--cache-mb", config.cache_mb, 0),
+                               ("--repair-batches", config.repair_batches, 0),
+                               ("--finetune-epochs", config.finetune_epochs, 0),
+                               ("batch_size", config.batch_size, 1),
+                               ("calibration_batches", config.calibration_batches, 1)):
+        if not value >= least:   # NaN fails too
+            raise IntraFusionError(f"{flag} must be at least {least}, got {value}")
+    if not (math.isfinite(config.finetune_lr) and config.finetune_lr > 0):
+        raise IntraFusionError(f"--finetune-lr must be a positive number, got {config.finetune_lr}")
     if config.repair_batches < 1 and any(m.repair for m in methods):
         raise IntraFusionError("--repair-batches must be at least 1 for the *_repair methods")
-    if config.finetune_epochs < 0 or (config.finetune_epochs and not config.finetune_lr > 0):
-        raise IntraFusionError("--finetune-epochs must be >= 0 and --finetune-lr positive")
     for b in config.budgets:
         check_budget(config.budget_kind, b)
     for a in config.allocations:
@@ -141,7 +149,7 @@ def open_checkpoint(config: GridConfig) -> tuple[dict, str]:
     """The configured checkpoint's contents and its sha256."""
     path = config.checkpoint_path()
     ensure_unzipped(path)
-    return read_checkpoint(path), file_digest(path)
+    return read_checkpoint(path, config.dataset), file_digest(path)
 
 
 def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
@@ -153,8 +161,8 @@ def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
     validate(config)
     state, digest = checkpoint or open_checkpoint(config)
     dataset = load_dataset(config.dataset, config.data_dir)
-    model = build_model(config.model_name, dataset.num_classes)
-    load_weights(model, state["model_state_dict"], config.checkpoint_path())
+    model = model_from_state(config.model_name, dataset.num_classes, state["model_state_dict"],
+                             config.checkpoint_path())
     device = torch.device(config.device)
     model.to(device).eval()
     test_x, test_y = dataset.test_tensors()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoints import load_tensors
+from .checkpoints import load_tensors, load_weights
 from .data import Dataset, train_batches
 from ..errors import IntraFusionError
 from ..evaluation import accuracy
@@ -47,9 +48,22 @@ class TrainSettings:
     augment: bool = True
     seed: int = 0
 
+    def __post_init__(self):
+        """Refuse settings SGD cannot train with (named by their train.py flags)."""
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--lr", self.lr)):
+            if not (math.isfinite(value) and value > 0):
+                raise IntraFusionError(f"--epochs, --batch-size and --lr must be positive, got {flag} {value}")
+        if not 0 < self.momentum < 1:
+            raise IntraFusionError(f"--momentum must lie in (0, 1) (Nesterov SGD), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise IntraFusionError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.seed < 2 ** 63:
+            raise IntraFusionError(f"--seed must lie in [0, 2**63), got {self.seed}")
+
 
 def new_model(settings: TrainSettings, num_classes: int) -> nn.Module:
-    """The untrained model of `settings`, its initial weights drawn from `settings.seed`."""
+    """The untrained model of `settings`, its initial weights drawn from `settings.seed`; a ResNet
+    gets the authors' layout (conv biases), so its checkpoint is interchangeable with theirs."""
     torch.manual_seed(settings.seed)
     return build_model(settings.model_name, num_classes)
 
@@ -112,7 +126,7 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, checkpoin
         if state["settings"] != dataclasses.asdict(settings):
             raise IntraFusionError(f"{state_path} was written with other training settings; delete it "
                             "or train with the same settings to resume")
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], state_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])

@@ -3,6 +3,10 @@
 `cifar` holds the paper's CIFAR-style VGG and ResNet families; `extra` two small networks the
 library was not written for (MobileNetV2-style, MLP-Mixer); `hf` transformers classifiers (a
 ViT built from a small config, BERT for tests). Images are 3×32×32.
+
+The ResNet family comes in two checkpoint layouts: the authors' (every convolution has a bias,
+the default for new models) and the bias-free one of the shipped Fashion-MNIST checkpoints;
+`build_model(..., state=...)` builds the one that a state dict was saved from.
 """
 from __future__ import annotations
 
@@ -16,26 +20,37 @@ from .extra import MLPMixerSmall, MobileNetV2Small
 from .hf import HFClassifier, bert_classifier, vit_tiny
 from ..errors import IntraFusionError
 
-_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+
+def _resnet(block: type, num_blocks: list[int]) -> Callable[..., nn.Module]:
+    return lambda c, conv_bias=True: ResNet(block, num_blocks, c, conv_bias=conv_bias)
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "vgg11": lambda c: VGG(VGG_CONFIGS["vgg11"], c, batch_norm=False),
     "vgg11_bn": lambda c: VGG(VGG_CONFIGS["vgg11"], c),
     "vgg13_bn": lambda c: VGG(VGG_CONFIGS["vgg13"], c),
     "vgg16_bn": lambda c: VGG(VGG_CONFIGS["vgg16"], c),
     "vgg19_bn": lambda c: VGG(VGG_CONFIGS["vgg19"], c),
-    "resnet18": lambda c: ResNet(BasicBlock, [2, 2, 2, 2], c),
-    "resnet34": lambda c: ResNet(BasicBlock, [3, 4, 6, 3], c),
-    "resnet50": lambda c: ResNet(Bottleneck, [3, 4, 6, 3], c),
+    "resnet18": _resnet(BasicBlock, [2, 2, 2, 2]),
+    "resnet34": _resnet(BasicBlock, [3, 4, 6, 3]),
+    "resnet50": _resnet(Bottleneck, [3, 4, 6, 3]),
     "mobilenetv2": lambda c: MobileNetV2Small(c),
     "mixer": lambda c: MLPMixerSmall(c),
     "vit_tiny": lambda c: vit_tiny(c),
 }
 MODEL_NAMES = tuple(_BUILDERS)
+_TWO_LAYOUTS = ("resnet18", "resnet34", "resnet50")
 
 
-def build_model(name: str, num_classes: int = 10) -> nn.Module:
-    """A freshly initialised model `name` (one of MODEL_NAMES) with `num_classes` outputs."""
+def build_model(name: str, num_classes: int = 10, state: dict | None = None) -> nn.Module:
+    """A freshly initialised model `name` (one of MODEL_NAMES) with `num_classes` outputs, in
+    the layout `state` was saved from if given (a ResNet without conv biases when `state` has no
+    `conv1.bias`), else in the authors' layout. Whether `state` then fits exactly is for
+    experiments.checkpoints.load_weights to check."""
     if name not in _BUILDERS:
         raise IntraFusionError(f"unknown model name {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if name in _TWO_LAYOUTS:
+        return _BUILDERS[name](num_classes, conv_bias=state is None or "conv1.bias" in state)
     return _BUILDERS[name](num_classes)
 
 

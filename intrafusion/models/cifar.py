@@ -2,7 +2,10 @@
 
 Parameter names match the authors' checkpoints (`features.N.*`/`classifier.*` for VGG,
 `conv1/bn1/layerN.M.*/linear` for ResNet), so their `models/<name>.checkpoint` files load with
-strict key checking. Inputs are 3×32×32 images.
+strict key checking. The authors' ResNets give every convolution a bias (stem, block convs and
+shortcut); `conv_bias=False` builds the bias-free layout of the Fashion-MNIST checkpoints shipped
+here. A bias followed by BatchNorm only shifts the BN's running mean, so both layouts compute the
+same functions. Inputs are 3×32×32 images.
 """
 from __future__ import annotations
 
@@ -53,19 +56,24 @@ class VGG(nn.Module):
         return segs
 
 
+def _shortcut(in_planes: int, out_planes: int, stride: int, bias: bool) -> nn.Sequential:
+    """Identity when the shapes agree, else a strided 1×1 conv + BN (`shortcut.0`, `shortcut.1`)."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=bias),
+                         nn.BatchNorm2d(out_planes))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, conv_bias: bool = True):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=conv_bias)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=conv_bias)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+        self.shortcut = _shortcut(in_planes, planes, stride, conv_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -76,19 +84,16 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, conv_bias: bool = True):
         super().__init__()
         width = self.expansion * planes
-        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=conv_bias)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=conv_bias)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, width, 1, bias=False)
+        self.conv3 = nn.Conv2d(planes, width, 1, bias=conv_bias)
         self.bn3 = nn.BatchNorm2d(width)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != width:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+        self.shortcut = _shortcut(in_planes, width, stride, conv_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -98,23 +103,26 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet for 32×32 inputs: 3×3 stem without pooling, four stages, global average pool."""
+    """ResNet for 32×32 inputs: 3×3 stem without pooling, four stages, global average pool.
+    `conv_bias`: every convolution has a bias (the authors' layout) or none."""
 
-    def __init__(self, block: type, num_blocks: list[int], num_classes: int = 10):
+    def __init__(self, block: type, num_blocks: list[int], num_classes: int = 10,
+                 conv_bias: bool = True):
         super().__init__()
         self.in_planes = 64
-        self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=conv_bias)
         self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
+        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1, conv_bias)
+        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2, conv_bias)
+        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2, conv_bias)
+        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2, conv_bias)
         self.linear = nn.Linear(512 * block.expansion, num_classes)
 
-    def _make_layer(self, block: type, planes: int, count: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, block: type, planes: int, count: int, stride: int,
+                    conv_bias: bool) -> nn.Sequential:
         layers = []
         for s in [stride] + [1] * (count - 1):
-            layers.append(block(self.in_planes, planes, s))
+            layers.append(block(self.in_planes, planes, s, conv_bias))
             self.in_planes = planes * block.expansion
         return nn.Sequential(*layers)
 
