@@ -119,12 +119,31 @@ def _grid_arguments(p: argparse.ArgumentParser) -> None:
                         "prefix activations (for benchmarks; same results)")
     p.add_argument("--cache-mb", type=float, default=2048,
                    help="memory budget of cached prefix activations (MiB)")
+    _budget_arguments(p, many=True, allocation="uniform")
+
+
+def _budget_arguments(p: argparse.ArgumentParser, many: bool, allocation: str) -> None:
+    """--macs / --params (one value, or with `many` a list of budget cells) and the allocation."""
+    from .allocation import ALLOCATIONS
+    nargs = "+" if many else None
+    p.add_argument("--macs", type=float, nargs=nargs, default=None,
+                   help="fraction of the unpruned MACs to keep (all groups, per-group sparsities)")
+    p.add_argument("--params", type=float, nargs=nargs, default=None,
+                   help="fraction of the unpruned parameters to keep")
+    p.add_argument("--allocation", nargs=nargs, default=[allocation] if many else allocation,
+                   help=f"how the budget is shared among groups: {', '.join(ALLOCATIONS)}")
+    p.add_argument("--held-out", type=int, default=1000,
+                   help="held-out training images (disjoint from calibration) for --allocation sensitivity")
+    p.add_argument("--profile-cache", default=None,
+                   help="JSON of measured sensitivity profiles (default results/profiles.json)")
 
 
 def _grid(args: argparse.Namespace) -> int:
+    from .allocation import one_budget
     from .experiments.grid import GridConfig, run_grid
     from .groups import FusionSettings
     device = resolve_device(args.gpu_id)
+    kind, budgets = one_budget(macs=args.macs, params=args.params) if args.macs or args.params else ("macs", ())
     config = GridConfig(
         model_name=args.model_name, dataset=args.dataset, data_dir=args.data_dir,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
@@ -134,7 +153,9 @@ def _grid(args: argparse.Namespace) -> int:
         device=str(device), out=Path(args.out) if args.out else None, resume=args.resume,
         overwrite=args.overwrite, fast=not args.naive, cache_mb=args.cache_mb,
         repair_batches=args.repair_batches, finetune_epochs=args.finetune_epochs,
-        finetune_lr=args.finetune_lr)
+        finetune_lr=args.finetune_lr, budgets=tuple(budgets),
+        budget_kind=kind, allocations=tuple(args.allocation),
+        held_out=args.held_out, profile_cache=Path(args.profile_cache) if args.profile_cache else None)
     results = run_grid(config, progress=not args.quiet and sys.stderr.isatty())
     if args.plot:
         from .experiments.plotting import plot_all
@@ -156,6 +177,68 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress_arguments(p: argparse.ArgumentParser) -> None:
+    from .experiments.data import DATASET_NAMES
+    from .importance import CRITERIA
+    from .methods import METHOD_NAMES
+    from .models import MODEL_NAMES
+    p.add_argument("--model-name", required=True, help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASET_NAMES)}")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--checkpoint", default=None,
+                   help="default models/<model>.checkpoint (cifar10), models/<dataset>/<model>.checkpoint")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of each group's channels to prune")
+    _budget_arguments(p, many=False, allocation="sensitivity")
+    p.add_argument("--method", default="intra_fusion_repair", help=f"one of {', '.join(METHOD_NAMES)}")
+    p.add_argument("--criterion", default="l1", help=f"one of {', '.join(CRITERIA)}")
+    p.add_argument("--calibration-batches", type=int, default=10,
+                   help="training batches of 128 for repair and the criteria that need data")
+    p.add_argument("--finetune-epochs", type=int, default=0)
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--round-to", type=int, default=None, help="keep every group's width a multiple of this")
+    p.add_argument("--iterative", action="store_true",
+                   help="sensitivity: re-measure every group on the current plan after each step (slow)")
+    p.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
+    p.add_argument("--out", required=True, help="the compressed model (its report: the same name, .json)")
+    p.add_argument("--onnx", default=None, metavar="PATH",
+                   help="also write the compressed model as an ONNX file (any batch size)")
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from .experiments.compress import CompressConfig, run_compress
+    device = resolve_device(args.gpu_id)
+    run_compress(CompressConfig(
+        model_name=args.model_name, dataset=args.dataset, out=Path(args.out), data_dir=args.data_dir,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None, sparsity=args.sparsity,
+        macs=args.macs, params=args.params, method=args.method, criterion=args.criterion,
+        allocation=args.allocation, calibration_batches=args.calibration_batches,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, held_out=args.held_out,
+        round_to=args.round_to, iterative=args.iterative,
+        profile_cache=Path(args.profile_cache) if args.profile_cache else None, device=str(device),
+        onnx=Path(args.onnx) if args.onnx else None))
+    return 0
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a compressed model written by `intrafusion compress`")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--json", action="store_true", help="one JSON object: accuracy, params, macs")
+    p.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+    from .experiments.compress import evaluate_saved
+    result = evaluate_saved(args.model, args.dataset, args.data_dir, str(resolve_device(args.gpu_id)))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model}: test accuracy {100 * result['accuracy']:.2f}%, "
+              f"{result['params']:,} parameters, {result['macs']:,} MACs")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: a one-line summary, the function adding its flags, the function running them."""
@@ -168,6 +251,10 @@ COMMANDS = {
     "grid": Command("compare default pruning with Intra-Fusion per group and sparsity (= main.py)",
                     _grid_arguments, _grid),
     "train": Command("train a CIFAR-style model from scratch (= train.py)", _train_arguments, _train),
+    "compress": Command("compress a checkpoint to a sparsity, MACs or parameter budget and save it",
+                        _compress_arguments, _compress),
+    "evaluate": Command("test accuracy, parameters and MACs of a model saved by compress",
+                        _evaluate_arguments, _evaluate),
     "plot": Command("draw a results CSV into a PNG: accuracy against sparsity per group and method",
                     _plot_arguments, _plot),
 }
