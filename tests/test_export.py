@@ -115,3 +115,33 @@ def test_unwritable_path_fails_before_exporting(where, message, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
+
+@pytest.fixture
+def cli_env(tmp_path):
+    """(data folder with tiny generated CIFAR data, a mobilenetv2 checkpoint, compress argv)."""
+    from helpers import calibrated_model, save_checkpoint, write_cifar
+    data = tmp_path / "data"
+    write_cifar(data, n_train=100, n_test=20)
+    checkpoint = save_checkpoint(calibrated_model("mobilenetv2", data), tmp_path / "m.checkpoint")
+    argv = ["compress", "--model-name", "mobilenetv2", "--dataset", "cifar10", "--data-dir", str(data),
+            "--checkpoint", str(checkpoint), "--sparsity", "0.5", "--allocation", "uniform",
+            "--method", "intra_fusion", "--calibration-batches", "0", "--out", str(tmp_path / "small.pt")]
+    return data, argv
+
+
+@pytest.mark.slow
+def test_compress_command_writes_the_onnx_file_of_the_saved_model(cli_env, tmp_path):
+    from intrafusion.cli import package_main
+    from intrafusion.serialize import load
+    _, argv = cli_env
+    assert package_main([*argv, "--onnx", str(tmp_path / "small.onnx")]) == 0
+    assert_runs_like_torch(load(tmp_path / "small.pt").eval(), tmp_path / "small.onnx")
+
+
+def test_compress_command_refuses_an_unwritable_onnx_path_before_any_work(cli_env, tmp_path, capsys):
+    from intrafusion.cli import package_main
+    _, argv = cli_env
+    assert package_main([*argv, "--onnx", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write") and "it is a directory" in err and err.count("\n") == 1
+    assert not (tmp_path / "small.pt").exists()
