@@ -155,7 +155,7 @@ class Pruner:
     The model passed in is modified in place (BN folded); `copy()` gives an independent pruner
     whose model can be pruned without retracing the graph. `fixed_layers` names layers whose
     out-channels must keep their width (like the classifier); `customized_pruners` maps module
-    types to torch-pruning pruners (see architectures.pruner_options).
+    types to torch-pruning pruners (see models.pruner_options).
 
     channel_map[name] holds, for every conv/linear layer, the original index of each of its
     current out-channels (used by repair to compare with the unpruned network)."""
