@@ -94,7 +94,8 @@ def test_grid_budget_cells_resume_and_plot_against_macs(grid_env, tmp_path, caps
         assert float(r["budget"]) - 0.02 <= int(r["macs"]) / base <= float(r["budget"])  # narrow: coarse steps
         assert len(json.loads(r["sparsities"])) == 8
     uniform = [r for r in budget if r["allocation"] == "uniform"]
-    assert all(max(s) - min(s) < 0.1 for s in (list(json.loads(r["sparsities"]).values()) for r in uniform))
+    # one common sparsity, up to one channel of the narrowest group (8 channels in the narrow VGG)
+    assert all(max(s) - min(s) <= 1 / 8 for s in (list(json.loads(r["sparsities"]).values()) for r in uniform))
     assert main(argv) == 0    # resumed: nothing new
     assert len(read_rows(out)) == len(rows)
     assert "resuming, 8 of 8 cells done" in capsys.readouterr().out
