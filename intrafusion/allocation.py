@@ -422,14 +422,15 @@ class HeldOutLoss:
 def measure_profile(base: Pruner, prune, loss: HeldOutLoss, groups, ladder=LADDER) -> Profile:
     """{group: [(s, loss(s) − loss(unpruned))]}: each group pruned alone at each ladder sparsity
     by prune(variant, group, sparsity) (the method, with its repair), rungs a group cannot take
-    (no channel left) skipped."""
+    (no channel, or no attention head, left: Pruner.check_prunable) skipped."""
     loss.plan(groups)
     profile: Profile = {}
     for g in groups:
-        n = base.full_group(g)[1]
         profile[g] = []
         for s in ladder:
-            if kept_count(n, s) < 1:
+            try:
+                base.check_prunable(g, s)
+            except IntraFusionError:
                 continue
             variant = base.copy()
             prune(variant, {g: s})
