@@ -36,7 +36,7 @@ from intrafusion.importance import Scorer  # noqa: E402
 from intrafusion.models import build_model  # noqa: E402
 from intrafusion.experiments.prefix import GridEvaluator, first_changed_segment, model_segments  # noqa: E402
 from intrafusion.groups import Pruner  # noqa: E402
-from intrafusion.experiments.storage import atomic_write, file_digest  # noqa: E402
+from intrafusion.storage import atomic_write, file_digest  # noqa: E402
 
 
 def segment_macs(model: nn.Module, segments, x: torch.Tensor) -> list[int]:

@@ -519,7 +519,7 @@ def write_profile(path: Path | str | None, key: str, settings: dict, profile: Pr
     """Add (or replace) the profile of `key` in the JSON cache `path`, atomically."""
     if path is None:
         return
-    from .experiments.storage import atomic_write
+    from .storage import atomic_write
     path = Path(path)
     try:
         cache = json.loads(path.read_text()) if path.is_file() else {}

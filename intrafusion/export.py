@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import IntraFusionError
-from .experiments.storage import atomic_write, check_writable
+from .storage import atomic_write, check_writable
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 

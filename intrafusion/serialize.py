@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from .errors import IntraFusionError
-from .experiments.checkpoints import load_tensors
-from .experiments.storage import atomic_write
 from .models import MODEL_NAMES, build_model
+from .storage import atomic_write, load_tensors
 
 FORMAT = "intrafusion.pruned-model"
 VERSION = 1

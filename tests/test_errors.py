@@ -11,7 +11,7 @@ import torch
 
 from helpers import calibrated_model, narrow_vggs, read_rows, save_checkpoint, write_cifar
 from intrafusion.experiments import data as data_module
-from intrafusion.experiments.checkpoints import load_tensors
+from intrafusion.storage import load_tensors
 from intrafusion.cli import main, train_main
 from intrafusion.errors import IntraFusionError
 from intrafusion.models import build_model

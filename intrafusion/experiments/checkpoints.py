@@ -1,8 +1,6 @@
 """Reading and locating checkpoints in the authors' format {"model_state_dict", "test_accuracy", "epoch"}."""
 from __future__ import annotations
 
-import pickle
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -11,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import IntraFusionError
+from ..storage import load_tensors
 from ..models import build_model
 
 MODELS_ZIP = Path("models.zip")
@@ -35,43 +34,6 @@ def ensure_unzipped(path: Path, archive: Path = MODELS_ZIP) -> None:
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
         raise IntraFusionError(f"cannot extract {member} from {archive} ({exc}); fetch {archive} again "
                         "or pass --checkpoint") from None
-
-
-ZIP_MAGIC = b"PK\x03\x04"   # torch.save has written zip archives since torch 1.6
-
-
-def _unreadable(exc: Exception, path: Path) -> str:
-    """Why torch.load failed, in words a person can act on. A file that is not a zip archive is
-    read by the legacy unpickler, which fails on arbitrary bytes with arbitrary exceptions."""
-    if isinstance(exc, EOFError):
-        return "the file is empty or truncated"
-    try:
-        with open(path, "rb") as f:
-            zipped = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
-    except OSError:
-        zipped = True   # unreadable: report torch's own error below
-    if isinstance(exc, pickle.UnpicklingError):
-        return ("it holds objects other than tensors" if zipped else
-                "not a file saved by torch.save, or it holds objects other than tensors")
-    if not zipped:
-        return "not a file saved by torch.save"
-    if isinstance(exc, (RuntimeError, zipfile.BadZipFile)) and "zip" in str(exc).lower():
-        return "the file is truncated or corrupted"
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def load_tensors(path: Path, hint: str):
-    """torch.load(path, weights_only=True) onto the CPU, without warnings; a IntraFusionError ending in
-    `hint` when the file cannot be read that way. Any exception counts: unpickling arbitrary bytes
-    raises arbitrary ones (IndexError, struct.error, ...)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:   # any failure to read the file means a bad file
-        why = _unreadable(exc, path)
-        raise IntraFusionError(f"{path} is not a readable checkpoint ({why}); {hint}") from None
 
 
 def read_checkpoint(path: Path, dataset: str | None = None) -> dict:

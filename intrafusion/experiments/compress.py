@@ -30,7 +30,7 @@ from .checkpoints import model_from_state
 from .data import DATASET_NAMES, load_dataset
 from .grid import (GridConfig, calibration_batches, calibration_indices, held_out_indices,
                    open_checkpoint)
-from .storage import atomic_write, check_writable
+from ..storage import atomic_write, check_writable
 from .training import finetune
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import IntraFusionError
-from .storage import file_digest
+from ..storage import file_digest
 
 DATASET_NAMES = ("cifar10", "cifar100", "fashion-mnist")
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

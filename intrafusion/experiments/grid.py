@@ -35,7 +35,7 @@ from .data import DATASET_NAMES, Dataset, load_dataset
 from .prefix import GridEvaluator
 from .report import FT, budget_table, finetune_table, summary_table
 from .results import CsvLog, cell_key, previous_rows
-from .storage import check_writable, file_digest
+from ..storage import check_writable, file_digest
 from .training import finetune
 
 

@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 from ..errors import IntraFusionError
 from .report import FT, base_method
 from .results import read_table
-from .storage import atomic_write, check_writable
+from ..storage import atomic_write, check_writable
 
 _NEEDED = {"criterion", "group", "sparsity", "method", "accuracy"}
 _LABELS = {"default": "default", "intra_fusion": "Intra-Fusion",

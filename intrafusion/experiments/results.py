@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import IntraFusionError
-from .storage import write_failure
+from ..storage import write_failure
 
 CSV_COLUMNS = ["model", "dataset", "criterion", "group", "sparsity", "method", "accuracy", "params",
                "prune_seconds", "fusion_rule", "target", "source_prob", "target_prob", "p",

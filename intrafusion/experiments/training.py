@@ -28,12 +28,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoints import load_tensors, load_weights
+from .checkpoints import load_weights
 from .data import Dataset, train_batches
 from ..errors import IntraFusionError
 from ..evaluation import accuracy
 from ..models import build_model
-from .storage import atomic_write, check_writable
+from ..storage import atomic_write, check_writable, load_tensors
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,20 @@
-"""Output files a person can trust: refuse unwritable places before any work, and turn a failed
-write (disk full, permissions) into a IntraFusionError that says what to do."""
+"""Files a person can trust: read tensors without running code from the file, refuse unwritable
+places before any work, write atomically, and turn a failed write (disk full, permissions) into an
+IntraFusionError that says what to do."""
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import pickle
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
-from ..errors import IntraFusionError
+import torch
+
+from .errors import IntraFusionError
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -74,3 +80,40 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+ZIP_MAGIC = b"PK\x03\x04"   # torch.save has written zip archives since torch 1.6
+
+
+def _unreadable(exc: Exception, path: Path) -> str:
+    """Why torch.load failed, in words a person can act on. A file that is not a zip archive is
+    read by the legacy unpickler, which fails on arbitrary bytes with arbitrary exceptions."""
+    if isinstance(exc, EOFError):
+        return "the file is empty or truncated"
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    except OSError:
+        zipped = True   # unreadable: report torch's own error below
+    if isinstance(exc, pickle.UnpicklingError):
+        return ("it holds objects other than tensors" if zipped else
+                "not a file saved by torch.save, or it holds objects other than tensors")
+    if not zipped:
+        return "not a file saved by torch.save"
+    if isinstance(exc, (RuntimeError, zipfile.BadZipFile)) and "zip" in str(exc).lower():
+        return "the file is truncated or corrupted"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def load_tensors(path: Path, hint: str):
+    """torch.load(path, weights_only=True) onto the CPU, without warnings; an IntraFusionError ending in
+    `hint` when the file cannot be read that way. Any exception counts: unpickling arbitrary bytes
+    raises arbitrary ones (IndexError, struct.error, ...)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to read the file means a bad file
+        why = _unreadable(exc, path)
+        raise IntraFusionError(f"{path} is not a readable checkpoint ({why}); {hint}") from None
