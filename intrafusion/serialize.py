@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import IntraFusionError
 from .models import MODEL_NAMES, build_model
-from .storage import atomic_write, load_tensors
+from .storage import atomic_write, first_non_finite, load_tensors
 
 FORMAT = "intrafusion.pruned-model"
 VERSION = 1
@@ -113,8 +113,9 @@ def _read(path: Path) -> dict:
         if not isinstance(value, torch.Tensor):
             raise IntraFusionError(f"{path}: state entry {key!r} is a {type(value).__name__}, "
                                    "not a tensor")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise IntraFusionError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise IntraFusionError(f"{path}: tensor {bad!r} holds NaN or infinite values")
     return data
 
 

@@ -117,3 +117,12 @@ def load_tensors(path: Path, hint: str):
     except Exception as exc:  # any failure to read the file means a bad file
         why = _unreadable(exc, path)
         raise IntraFusionError(f"{path} is not a readable checkpoint ({why}); {hint}") from None
+
+
+def first_non_finite(state: dict) -> str | None:
+    """The first key of `state` (in its order) whose tensor holds a NaN or ±Inf, else None."""
+    for key, value in state.items():
+        if value.is_floating_point() or value.is_complex():
+            if not bool(torch.isfinite(value).all()):
+                return key
+    return None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import IntraFusionError
-from ..storage import load_tensors
+from ..storage import first_non_finite, load_tensors
 from ..models import build_model
 
 MODELS_ZIP = Path("models.zip")
@@ -78,15 +78,6 @@ def load_weights(model: nn.Module, state: dict, source: Path | str) -> None:
         raise IntraFusionError(f"{source} holds NaN or infinite values in tensor {bad!r}: the network "
                                "is broken (diverged training?); pass a checkpoint with finite weights")
     model.load_state_dict(state, strict=True)
-
-
-def first_non_finite(state: dict) -> str | None:
-    """The first key of `state` (in its order) whose tensor holds a NaN or ±Inf, else None."""
-    for key, value in state.items():
-        if value.is_floating_point() or value.is_complex():
-            if not bool(torch.isfinite(value).all()):
-                return key
-    return None
 
 
 def model_from_state(name: str, num_classes: int, state: dict, source: Path | str) -> nn.Module:

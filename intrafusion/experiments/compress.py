@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,10 +18,10 @@ import torch
 from torch import nn
 
 from ..allocation import ALLOCATIONS, check_budget, one_budget, plan_from_widths
-from ..errors import IntraFusionError
+from ..errors import IntraFusionError, check_at_least, check_positive
 from ..evaluation import accuracy
 from ..export import export_onnx
-from ..groups import Pruner, count_macs_params
+from ..groups import Pruner, check_sparsity, count_macs_params
 from ..importance import CRITERIA, DATA_CRITERIA
 from ..methods import get_method
 from ..models import MODEL_NAMES
@@ -78,8 +77,7 @@ def validate(config: CompressConfig) -> None:
             raise IntraFusionError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
     kind, value = config.budget()
     if kind == "sparsity" and config.allocation == "uniform":
-        if not 0 <= value < 1:
-            raise IntraFusionError(f"sparsity {value} outside [0, 1): pass values like 0.3 0.5")
+        check_sparsity(value)
     else:
         check_budget(kind, value)
     method = get_method(config.method)
@@ -88,13 +86,10 @@ def validate(config: CompressConfig) -> None:
                   if needed]
     if config.calibration_batches < 1 and needs_data:
         raise IntraFusionError(f"{needs_data[0]} needs calibration data: --calibration-batches must be at least 1")
-    for flag, value, least in (("--calibration-batches", config.calibration_batches, 0),
+    check_at_least(("--calibration-batches", config.calibration_batches, 0),
                                ("--finetune-epochs", config.finetune_epochs, 0),
-                               ("--held-out", config.held_out, 1), ("--batch-size", config.batch_size, 1)):
-        if not value >= least:
-            raise IntraFusionError(f"{flag} must be at least {least}, got {value}")
-    if not (math.isfinite(config.finetune_lr) and config.finetune_lr > 0):
-        raise IntraFusionError(f"--finetune-lr must be a positive number, got {config.finetune_lr}")
+                               ("--held-out", config.held_out, 1), ("--batch-size", config.batch_size, 1))
+    check_positive("--finetune-lr", config.finetune_lr)
     for path in (Path(config.out), config.report_path()):
         check_writable(path)
     if config.onnx is not None:

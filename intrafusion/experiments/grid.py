@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import itertools
 import json
-import math
 import time
 import zlib
 from contextlib import ExitStack
@@ -23,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..allocation import ALLOCATIONS, allocate, check_budget, group_widths, measure_cost_model
-from ..errors import IntraFusionError
+from ..errors import IntraFusionError, check_at_least, check_positive
 from ..evaluation import accuracy
 from ..groups import FusionSettings, Pruner, check_sparsity, count_macs_params, kept_count
 from ..importance import CRITERIA, DATA_CRITERIA, Scorer
@@ -126,15 +125,12 @@ def validate(config: GridConfig) -> None:
     for g in config.group_idxs:
         if g != "all" and not isinstance(g, int):
             raise IntraFusionError(f"group {g!r} is neither an index nor 'all'")
-    for flag, value, least in (("--cache-mb", config.cache_mb, 0),
+    check_at_least(("--cache-mb", config.cache_mb, 0),
                                ("--repair-batches", config.repair_batches, 0),
                                ("--finetune-epochs", config.finetune_epochs, 0),
                                ("batch_size", config.batch_size, 1),
-                               ("calibration_batches", config.calibration_batches, 1)):
-        if not value >= least:   # NaN fails too
-            raise IntraFusionError(f"{flag} must be at least {least}, got {value}")
-    if not (math.isfinite(config.finetune_lr) and config.finetune_lr > 0):
-        raise IntraFusionError(f"--finetune-lr must be a positive number, got {config.finetune_lr}")
+                               ("calibration_batches", config.calibration_batches, 1))
+    check_positive("--finetune-lr", config.finetune_lr)
     if config.repair_batches < 1 and any(m.repair for m in methods):
         raise IntraFusionError("--repair-batches must be at least 1 for the *_repair methods")
     for b in config.budgets:
