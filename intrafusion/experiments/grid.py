@@ -226,6 +226,7 @@ class GridRun:
         self.logs: dict = {}
         self._repair = None
         self._batches = None
+        self._scorers: dict[str, Scorer] = {}
         self._cost = None
 
     def cells(self) -> list[tuple]:
@@ -269,12 +270,16 @@ class GridRun:
         return self._repair
 
     def scorer(self, criterion: str) -> Scorer:
-        """A Scorer for `criterion`, with the calibration batches (drawn once) when it needs data."""
+        """The Scorer of `criterion`, made once per run (it caches the unpruned network's Taylor
+        gradients or CHIP scores), with the calibration batches (drawn once) when it needs data."""
         c = self.config
-        if criterion in DATA_CRITERIA and self._batches is None:
-            batches = calibration_batches(self.dataset, c.calibration_batches, c.batch_size)
-            self._batches = [(x.to(c.device), y.to(c.device)) for x, y in batches]
-        return Scorer(criterion, self._batches if criterion in DATA_CRITERIA else None, cache=c.fast)
+        if criterion not in self._scorers:
+            if criterion in DATA_CRITERIA and self._batches is None:
+                batches = calibration_batches(self.dataset, c.calibration_batches, c.batch_size)
+                self._batches = [(x.to(c.device), y.to(c.device)) for x, y in batches]
+            self._scorers[criterion] = Scorer(criterion, self._batches if criterion in DATA_CRITERIA else None,
+                                              cache=c.fast)
+        return self._scorers[criterion]
 
     def row(self, criterion, group, sparsity, method, model, accuracy_, seconds=0.0, **budget) -> dict:
         return dict(self.common, criterion=criterion, group=group, sparsity=sparsity, method=method,
@@ -339,39 +344,61 @@ class GridRun:
         return self.row(criterion, group, value, name, variant.model, self.evaluator.accuracy(variant),
                         seconds, **budget), variant
 
-    def finetune_rows(self, variant: Pruner, row: dict) -> None:
-        """Fine-tune the variant, recording a "+ft" row with the test accuracy after each epoch."""
+    def finetune_rows(self, variant: Pruner, row: dict) -> list[dict]:
+        """Fine-tune the variant; a "+ft" row with the test accuracy after each epoch."""
+        rows = []
+
         def on_epoch(epoch: int, model) -> None:
-            self.record(dict(row, method=row["method"] + FT, epoch=epoch,
+            rows.append(dict(row, method=row["method"] + FT, epoch=epoch,
                              accuracy=self.evaluator.accuracy(variant)))
 
         c = self.config
         finetune(variant.model, self.dataset, c.finetune_epochs, c.finetune_lr, c.batch_size,
                  device=torch.device(c.device), on_epoch=on_epoch)
+        return rows
+
+    def compute(self, cells: list[tuple]) -> list[dict]:
+        """The rows of `cells` (see `cells`), each followed by its fine-tuning rows, in cell
+        order; nothing is written. The one place where cells are computed: the serial driver
+        calls it on chunks of pending cells, a worker process on the cells it is sent."""
+        rows = []
+        for cell in cells:
+            row, variant = self.prune_cell(self.scorer(cell[0]), cell)
+            rows.append(row)
+            if self.config.finetune_epochs:
+                rows.extend(self.finetune_rows(variant, row))
+        return rows
+
+    def chunks(self, cells: list[tuple]) -> list[list[tuple]]:
+        """How pending cells are handed to `compute`: one chunk per line of the log (the methods
+        of one group and sparsity, or of one budget and allocation)."""
+        return [list(c) for _, c in itertools.groupby(cells, key=lambda c: (*c[:3], c[4]))]
 
     def run_criterion(self, criterion: str, bar) -> None:
-        """Every cell of one criterion: the unpruned row, then the cells in order, one log line
-        per group and sparsity (or budget and allocation) with every method."""
-        scorer = self.scorer(criterion)
+        """Every cell of one criterion: the unpruned row, then the pending cells chunk by chunk,
+        each chunk's rows recorded as soon as it is computed, one log line per chunk."""
         self.record(self.row(criterion, -1, 0.0, "none", self.base.model, self.base_accuracy))
         cells = [c for c in self.cells() if c[0] == criterion]
-        for (_, group, value, _, allocation), line_cells in itertools.groupby(
-                cells, key=lambda c: (*c[:3], None, c[4])):
-            line = []
-            for cell in line_cells:
-                if self.finished(cell):
-                    self.replay(cell)
-                    continue
-                row, variant = self.prune_cell(scorer, cell)
-                row = self.record(row)
-                if self.config.finetune_epochs:
-                    self.finetune_rows(variant, row)
-                bar.update()
-                line.append(f"{cell[3]} {100 * row['accuracy']:6.2f}%"
-                            + (f" ({100 * row['macs'] / self.base_macs:.1f}% MACs)" if allocation else ""))
-            if line:
-                what = f"{allocation} {value:.2f}" if allocation else f"group {group!s:>2} sparsity {value:.2f}"
-                self.log(f"{criterion:6s} {what}: " + "  ".join(line))
+        for cell in cells:
+            if self.finished(cell):
+                self.replay(cell)
+        pending = [c for c in cells if not self.finished(c)]
+        for chunk in self.chunks(pending):
+            rows = self.compute(chunk)
+            for row in rows:
+                self.record(row)
+            bar.update(len(chunk))
+            self.log_chunk(chunk, [r for r in rows if not r["epoch"]])
+
+    def log_chunk(self, chunk: list[tuple], rows: list[dict]) -> None:
+        """One log line per group and sparsity (or budget and allocation) of a computed chunk."""
+        for (criterion, group, value, _, allocation), line in itertools.groupby(
+                zip(chunk, rows), key=lambda cr: (*cr[0][:3], None, cr[0][4])):
+            text = "  ".join(f"{cell[3]} {100 * row['accuracy']:6.2f}%"
+                             + (f" ({100 * row['macs'] / self.base_macs:.1f}% MACs)" if allocation else "")
+                             for cell, row in line)
+            what = f"{allocation} {value:.2f}" if allocation else f"group {group!s:>2} sparsity {value:.2f}"
+            self.log(f"{criterion:6s} {what}: {text}")
 
     def run(self, progress: bool = False) -> dict[str, list[dict]]:
         cells = self.cells()
