@@ -515,7 +515,8 @@ def read_profile(path: Path | str | None, key: str) -> Profile | None:
     return {int(g): [tuple(p) for p in pts] for g, pts in entry["profile"].items()}
 
 
-def write_profile(path: Path | str | None, key: str, settings: dict, profile: Profile, seconds: float) -> None:
+def write_profile(path: Path | str | None, key: str, settings: dict, profile: Profile, seconds: float,
+                  cpu_seconds: float = 0.0) -> None:
     """Add (or replace) the profile of `key` in the JSON cache `path`, atomically."""
     if path is None:
         return
@@ -525,34 +526,37 @@ def write_profile(path: Path | str | None, key: str, settings: dict, profile: Pr
         cache = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         cache = {}
-    cache[key] = {"settings": settings, "seconds": round(seconds, 2),
+    cache[key] = {"settings": settings, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
                   "profile": {str(g): [list(p) for p in pts] for g, pts in profile.items()}}
     atomic_write(path, json.dumps(cache, indent=1, default=str).encode(), "rerun to measure it again")
 
 
-def cached_profile(cache: Path | str | None, settings: dict, measure) -> tuple[Profile, float]:
-    """(profile, seconds spent measuring): from the cache when it holds `settings`, else
-    measure() and stored."""
+def cached_profile(cache: Path | str | None, settings: dict, measure) -> tuple[Profile, float, float]:
+    """(profile, wall seconds, CPU seconds spent measuring): from the cache when it holds
+    `settings` (0, 0), else measure() and stored. CPU seconds (all threads of this process) are
+    what a shared machine cannot inflate by making the process wait."""
     key = profile_key(settings)
     profile = read_profile(cache, key)
     if profile is not None:
-        return profile, 0.0
-    start = time.perf_counter()
+        return profile, 0.0, 0.0
+    start, cpu = time.perf_counter(), time.process_time()
     profile = measure()
-    seconds = time.perf_counter() - start
-    write_profile(cache, key, settings, profile, seconds)
-    return profile, seconds
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    write_profile(cache, key, settings, profile, seconds, cpu)
+    return profile, seconds, cpu
 
 
 @dataclass
 class Allocation:
     """A solved allocation: the {group: sparsity} plan, its predicted cost fraction, and the
-    sensitivity profile with the seconds spent measuring it (0 when cached; None, 0 otherwise)."""
+    sensitivity profile with the wall and CPU seconds spent measuring it (0 when cached; None,
+    0 otherwise)."""
 
     plan: dict[int, float]
     predicted: float
     profile: Profile | None = None
     profile_seconds: float = 0.0
+    profile_cpu_seconds: float = 0.0
 
 
 def allocate(base: Pruner, example_input: torch.Tensor, groups, kind: str, budget: float,
@@ -594,7 +598,7 @@ def allocate(base: Pruner, example_input: torch.Tensor, groups, kind: str, budge
         else:
             settings = {**(cache_settings or {}), "ladder": list(ladder), "groups": groups,
                         "held_out": tensor_digest(*held_out)}
-            result.profile, result.profile_seconds = cached_profile(
+            result.profile, result.profile_seconds, result.profile_cpu_seconds = cached_profile(
                 cache if cache_settings else None, settings,
                 lambda: measure_profile(base, prune, loss, groups, ladder))
             solver = lambda b: solve(model, result.profile, kind, b, round_to)  # noqa: E731

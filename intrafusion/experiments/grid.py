@@ -318,7 +318,8 @@ class GridRun:
                           cache=c.profile_cache or Path("results") / "profiles.json",
                           cache_settings=settings, cost=self._cost)
         if result.profile_seconds:
-            self.log(f"sensitivity profile of {method.name} ({criterion}): {result.profile_seconds:.0f} s")
+            self.log(f"sensitivity profile of {method.name} ({criterion}): {result.profile_seconds:.0f} s "
+                     f"({result.profile_cpu_seconds:.0f} CPU s, {torch.get_num_threads()} threads)")
         return result.plan
 
     def prune_cell(self, scorer: Scorer, cell: tuple) -> tuple[dict, Pruner]:
