@@ -119,6 +119,13 @@ def _grid_arguments(p: argparse.ArgumentParser) -> None:
                         "prefix activations (for benchmarks; same results)")
     p.add_argument("--cache-mb", type=float, default=2048,
                    help="memory budget of cached prefix activations (MiB)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="compute cells in this many local processes (each with its share of the cores)")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="compute cells as Ray tasks on this cluster ('auto': the one started on "
+                        'this machine); needs pip install "intrafusion[ray]"')
+    p.add_argument("--gpus-per-worker", type=float, default=0,
+                   help="GPUs each Ray task asks for (0: the tasks compute on the CPU)")
     _budget_arguments(p, many=True, allocation="uniform")
 
 
@@ -155,7 +162,8 @@ def _grid(args: argparse.Namespace) -> int:
         repair_batches=args.repair_batches, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, budgets=tuple(budgets),
         budget_kind=kind, allocations=tuple(args.allocation),
-        held_out=args.held_out, profile_cache=Path(args.profile_cache) if args.profile_cache else None)
+        held_out=args.held_out, profile_cache=Path(args.profile_cache) if args.profile_cache else None,
+        workers=args.workers, ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker)
     results = run_grid(config, progress=not args.quiet and sys.stderr.isatty())
     if args.plot:
         from .experiments.plotting import plot_all

@@ -3,7 +3,10 @@ built from them are in conftest.py)."""
 from __future__ import annotations
 
 import csv
+import itertools
+import os
 import pickle
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -93,6 +96,12 @@ class TinyResNet(nn.Module):
 NARROW_VGG11 = [8, "M", 16, "M", 32, 32, "M", 64, 64, "M", 64, 64, "M"]
 
 
+def _narrow_builders() -> dict:
+    from intrafusion.models import VGG
+    return {"vgg11": lambda c: VGG(NARROW_VGG11, c, batch_norm=False),
+            "vgg11_bn": lambda c: VGG(NARROW_VGG11, c)}
+
+
 @contextmanager
 def narrow_vggs():
     """Within the block, build_model("vgg11") and build_model("vgg11_bn") build VGG11 at 1/8 of
@@ -100,11 +109,38 @@ def narrow_vggs():
     main.py and train.py run in this process in a fraction of a second per cell."""
     import pytest
     from intrafusion import models
-    from intrafusion.models import VGG
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(models._BUILDERS, "vgg11", lambda c: VGG(NARROW_VGG11, c, batch_norm=False))
-        patch.setitem(models._BUILDERS, "vgg11_bn", lambda c: VGG(NARROW_VGG11, c))
+        for name, builder in _narrow_builders().items():
+            patch.setitem(models._BUILDERS, name, builder)
         yield
+
+
+def use_narrow_vggs() -> None:
+    """narrow_vggs() for the rest of the process: the setup of a worker process computing cells
+    of the narrow VGG (parallel.worker_setup)."""
+    from intrafusion import models
+    models._BUILDERS.update(_narrow_builders())
+
+
+def narrow_and_killed(tokens: Path, chunk: int, times: int) -> None:
+    """use_narrow_vggs(), and a worker process starting its `chunk`-th chunk kills itself with
+    SIGKILL while one of `times` token files in the folder `tokens` is left to claim: a worker
+    dying mid-grid, deterministically (`times` deaths in all)."""
+    use_narrow_vggs()
+    from intrafusion.experiments.grid import GridRun
+    compute, count = GridRun.compute, itertools.count(1)
+
+    def dying(self, cells):
+        if next(count) == chunk:
+            for i in range(times):
+                try:
+                    os.close(os.open(tokens / str(i), os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    continue
+                os.kill(os.getpid(), signal.SIGKILL)
+        return compute(self, cells)
+
+    GridRun.compute = dying
 
 
 def calibrated_model(name: str, data_dir: Path, classes: int = 10, seed: int = 0) -> nn.Module:
@@ -146,3 +182,9 @@ def without_timing(rows: list[dict]) -> list[dict]:
 def cells(rows: list[dict]) -> list[tuple]:
     """The (criterion, group, sparsity, method) key of each row."""
     return [(r["criterion"], r["group"], r["sparsity"], r["method"]) for r in rows]
+
+
+def failing_worker() -> None:
+    """A worker process's setup that fails the way the library does: an IntraFusionError."""
+    from intrafusion.errors import IntraFusionError
+    raise IntraFusionError("this worker cannot compute the cells")

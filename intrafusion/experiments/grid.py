@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import itertools
 import json
 import time
@@ -31,6 +32,7 @@ from ..models import MODEL_NAMES, pruner_options
 from ..repair import reference_statistics, repair_pruned
 from .checkpoints import default_checkpoint, ensure_unzipped, model_from_state, read_checkpoint
 from .data import DATASET_NAMES, Dataset, load_dataset
+from .parallel import open_pool, split_lines
 from .prefix import GridEvaluator
 from .report import FT, budget_table, finetune_table, summary_table
 from .results import CsvLog, cell_key, previous_rows
@@ -65,6 +67,9 @@ class GridConfig:
     held_out: int = 1000        # held-out training images for the sensitivity profile
     profile_cache: Path | None = None   # JSON of sensitivity profiles (default results/profiles.json)
     overwrite: bool = False     # start the output CSV over, whatever it holds
+    workers: int = 1            # local processes computing cells (1: this one; parallel.py)
+    ray_address: str | None = None  # compute cells as Ray tasks on this cluster ("auto": this machine's)
+    gpus_per_worker: float = 0  # GPUs each Ray task asks for (0: it computes on the CPU)
 
     def output_path(self, criterion: str) -> Path:
         if self.out is not None:
@@ -139,6 +144,18 @@ def validate(config: GridConfig) -> None:
         _check_choice(a, ALLOCATIONS, "allocation")
     if config.budgets and "sensitivity" in config.allocations and not config.held_out >= 1:
         raise IntraFusionError(f"--held-out must be at least 1 for the sensitivity allocation, got {config.held_out}")
+    check_at_least(("--workers", config.workers, 1), ("--gpus-per-worker", config.gpus_per_worker, 0))
+    if config.ray_address is None:
+        if config.gpus_per_worker:
+            raise IntraFusionError("--gpus-per-worker is for Ray tasks (with --ray-address); "
+                                   "local --workers compute on the --gpu_id device")
+    elif config.workers != 1:
+        raise IntraFusionError("--workers is for local processes; with --ray-address the cluster's "
+                               "free CPUs (and GPUs) decide how many chunks run at once")
+    elif not config.ray_address.strip():
+        raise IntraFusionError("--ray-address must be a Ray cluster address or 'auto'")
+    elif importlib.util.find_spec("ray") is None:
+        raise IntraFusionError('--ray-address needs Ray: pip install "intrafusion[ray]"')
 
 
 def open_checkpoint(config: GridConfig) -> tuple[dict, str]:
@@ -203,16 +220,18 @@ class GridRun:
     """One run of the grid: the base network, data, evaluator and shared measurements, the rows
     already known (earlier runs' and this one's) and the CSV writers."""
 
-    def __init__(self, config: GridConfig, log=tqdm.write):
+    def __init__(self, config: GridConfig, log=tqdm.write, output: bool = True):
+        """`output=False` (a worker process, parallel.py): the output CSVs are neither checked
+        nor read, and nothing is known to be done."""
         validate(config)
         self.config, self.log = config, log
         self.paths = {c: config.output_path(c) for c in _unique(config.criteria)}
-        for path in set(self.paths.values()):
+        for path in set(self.paths.values()) if output else ():
             check_writable(path)
         checkpoint = open_checkpoint(config)
         self.common = comparable_settings(config, checkpoint[1])
         self.previous = {path: previous_rows(path, self.common, config.resume, config.overwrite)
-                         for path in _unique(self.paths.values())}
+                         for path in _unique(self.paths.values()) if output}
         self.done = {cell_key(r): r for rows in self.previous.values() for r in rows}
         self.dataset, (test_x, test_y), self.base, self.base_accuracy, _, rebuild = prepare(config, checkpoint)
         self.new_variant = self.base.copy if config.fast else rebuild
@@ -228,6 +247,7 @@ class GridRun:
         self._batches = None
         self._scorers: dict[str, Scorer] = {}
         self._cost = None
+        self.pool = None  # parallel.open_pool's, while `run` runs
 
     def cells(self) -> list[tuple]:
         """(criterion, group, sparsity, method, ""), or with budgets the budget cells over all
@@ -377,15 +397,20 @@ class GridRun:
 
     def run_criterion(self, criterion: str, bar) -> None:
         """Every cell of one criterion: the unpruned row, then the pending cells chunk by chunk,
-        each chunk's rows recorded as soon as it is computed, one log line per chunk."""
+        computed here or by the pool's workers (in the order they finish), each chunk's rows
+        recorded as soon as it is computed, one log line per chunk."""
         self.record(self.row(criterion, -1, 0.0, "none", self.base.model, self.base_accuracy))
         cells = [c for c in self.cells() if c[0] == criterion]
         for cell in cells:
             if self.finished(cell):
                 self.replay(cell)
         pending = [c for c in cells if not self.finished(c)]
-        for chunk in self.chunks(pending):
-            rows = self.compute(chunk)
+        if self.pool:  # two parts per worker: all busy to the end, and little lost to a crash
+            parts = split_lines(pending, 2 * self.pool.parallelism)
+            computed = self.pool.results([c for part in parts for c in self.chunks(part)])
+        else:
+            computed = ((c, self.compute(c)) for c in self.chunks(pending))
+        for chunk, rows in computed:
             for row in rows:
                 self.record(row)
             bar.update(len(chunk))
@@ -412,6 +437,7 @@ class GridRun:
                          for p in self.previous}
             bar = stack.enter_context(tqdm(total=len(cells), initial=finished, disable=not progress,
                                            desc="grid", unit="cell"))
+            self.pool = stack.enter_context(open_pool(self.config, self.log))
             for criterion in self.paths:
                 self.run_criterion(criterion, bar)
         for criterion, path in self.paths.items():
