@@ -66,11 +66,11 @@ def test_workers_write_the_serial_csv(grid_env, serial, workers_setup, tmp_path,
 
 @pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_the_run_completes(grid_env, serial, workers_setup, tmp_path, capsys):
-    """The first worker to start its second chunk is SIGKILLed: the pool is replaced, the chunks
-    not yet recorded are computed again, and the CSV is the serial one (fine-tuning rows too)."""
+    """The first worker to start a chunk is SIGKILLed: the pool is replaced, the chunks not yet
+    recorded are computed again, and the CSV is the serial one (fine-tuning rows too)."""
     tokens = tmp_path / "tokens"
     tokens.mkdir()
-    workers_setup(functools.partial(narrow_and_killed, tokens, 2, 1))
+    workers_setup(functools.partial(narrow_and_killed, tokens, 1, 1))
     out = tmp_path / "w.csv"
     assert main(grid(*grid_env, out, "--workers", "2", "--finetune-epochs", "1")) == 0
     assert (tokens / "0").exists()
@@ -118,11 +118,11 @@ def ray_cluster():
                                                     marks=CUDA, id="cuda")])
 def test_ray_tasks_write_the_serial_csv_though_a_worker_dies(ray_cluster, grid_env, serial, workers_setup,
                                                              tmp_path, flags):
-    """Ray tasks on a local cluster, one of whose workers is SIGKILLed at its second chunk (Ray
+    """Ray tasks on a local cluster, one of whose workers is SIGKILLed at its first chunk (Ray
     runs that task again): the CSV is the serial one."""
     tokens = tmp_path / "tokens"
     tokens.mkdir()
-    workers_setup(functools.partial(narrow_and_killed, tokens, 2, 1))
+    workers_setup(functools.partial(narrow_and_killed, tokens, 1, 1))
     out = tmp_path / "r.csv"
     assert main(grid(*grid_env, out, "--ray-address", "auto", *flags)) == 0
     assert (tokens / "0").exists()

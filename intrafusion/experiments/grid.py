@@ -405,8 +405,8 @@ class GridRun:
             if self.finished(cell):
                 self.replay(cell)
         pending = [c for c in cells if not self.finished(c)]
-        if self.pool:  # two parts per worker: all busy to the end, and little lost to a crash
-            parts = split_lines(pending, 2 * self.pool.parallelism)
+        if self.pool:  # one part per worker: each worker runs the unpruned network as rarely as it can
+            parts = split_lines(pending, self.pool.parallelism)
             computed = self.pool.results([c for part in parts for c in self.chunks(part)])
         else:
             computed = ((c, self.compute(c)) for c in self.chunks(pending))
