@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from helpers import ROOT, cells, failing_worker, narrow_and_killed, narrow_vggs, read_rows, use_narrow_vggs, without_timing
+from helpers import (ROOT, cells, failing_worker, narrow_and_killed, narrow_vggs, read_rows, use_narrow_vggs,
+                     without_timing)
 from intrafusion.cli import main
 from intrafusion.experiments import parallel
 
@@ -94,7 +95,8 @@ def test_workers_that_keep_dying_stop_the_run_and_a_rerun_resumes(grid_env, seri
     capsys.readouterr()
     assert main(grid(data, ckpt, out, "--workers", "2")) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: a worker process died {parallel.RETRIES} times in a row") and err.count("\n") == 1
+    assert err.startswith(f"error: a worker process died {parallel.RETRIES} times in a row")
+    assert err.count("\n") == 1
     assert out.read_bytes() == before
     workers_setup()
     assert main(grid(data, ckpt, out, "--workers", "2")) == 0
@@ -159,7 +161,8 @@ def test_bad_parallel_flags_are_one_line(grid_env, tmp_path, capsys, args, messa
 
 def test_ray_address_without_ray_names_the_extra(grid_env, tmp_path, capsys, monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else find_spec(name, *a))
     assert main(grid(*grid_env, tmp_path / "x.csv", "--ray-address", "auto")) == 2
     assert capsys.readouterr().err == 'error: --ray-address needs Ray: pip install "intrafusion[ray]"\n'
     assert not (tmp_path / "x.csv").exists()
