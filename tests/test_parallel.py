@@ -4,6 +4,7 @@ loses nothing, and the flags' mistakes are one line. The CUDA variants run where
 import functools
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,19 @@ def test_workers_that_keep_dying_stop_the_run_and_a_rerun_resumes(grid_env, seri
     assert "resuming, 4 of 24 cells done" in capsys.readouterr().out
     assert out.read_bytes().startswith(before)
     assert_same_rows(read_rows(out), serial())
+
+
+def test_no_ray_cluster_is_one_line_before_anything_is_written(grid_env, tmp_path, capsys, monkeypatch):
+    """Placed before the tests that start a local Ray: `auto` then finds no cluster."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized() or Path("/tmp/ray/ray_current_cluster").exists():
+        pytest.skip("a Ray cluster is running")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "x.csv"
+    assert main(grid(*grid_env, out, "--ray-address", "auto")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach the Ray cluster at auto: ") and err.count("\n") == 1
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")

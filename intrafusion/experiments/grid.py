@@ -433,11 +433,11 @@ class GridRun:
                  f"{100 * self.base_accuracy:.2f}%, {len(self.base.groups)} groups"
                  + (f"; resuming, {finished} of {len(cells)} cells done" if finished else ""))
         with ExitStack() as stack:
+            self.pool = stack.enter_context(open_pool(self.config, self.log))  # a Ray cluster is reached first
             self.logs = {p: stack.enter_context(CsvLog(p, fresh=not self.previous[p]))
                          for p in self.previous}
             bar = stack.enter_context(tqdm(total=len(cells), initial=finished, disable=not progress,
                                            desc="grid", unit="cell"))
-            self.pool = stack.enter_context(open_pool(self.config, self.log))
             for criterion in self.paths:
                 self.run_criterion(criterion, bar)
         for criterion, path in self.paths.items():

@@ -136,24 +136,10 @@ class RayPool:
         self.connected = False
         self.pending: dict = {}  # ObjectRef: chunk, of the tasks not yet recorded
 
-    def _task(self):
-        import ray
-        if self.task is None:
-            if not ray.is_initialized():
-                try:
-                    ray.init(address=self.address, logging_level=logging.WARNING)
-                except ConnectionError as exc:
-                    raise IntraFusionError(f"cannot reach the Ray cluster at {self.address}: "
-                                           f"{str(exc).splitlines()[0]}") from exc
-                self.connected = True
-            self.task = ray.remote(num_cpus=1, num_gpus=self.gpus, max_retries=RETRIES)(worker_compute)
-        return self.task
-
     @property
     def parallelism(self) -> int:
         """How many chunks the cluster computes at once: its CPUs, or its GPUs' share."""
         import ray
-        self._task()
         resources = ray.cluster_resources()
         tasks = resources.get("CPU", 1)
         if self.gpus:
@@ -163,8 +149,7 @@ class RayPool:
     def results(self, chunks: Iterable[list[tuple]]) -> Iterator[tuple[list[tuple], list[dict]]]:
         """(chunk, its rows) for every chunk, in the order they finish."""
         import ray
-        task = self._task()
-        self.pending = {task.remote(self.config, chunk, self.setup): chunk for chunk in chunks}
+        self.pending = {self.task.remote(self.config, chunk, self.setup): chunk for chunk in chunks}
         while self.pending:
             (ref,), _ = ray.wait(list(self.pending), num_returns=1)
             chunk = self.pending.pop(ref)
@@ -180,16 +165,25 @@ class RayPool:
             yield chunk, rows
 
     def __enter__(self):
+        """Connect (before the driver computes anything) and define the task."""
+        import ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.address, logging_level=logging.WARNING)
+            except ConnectionError as exc:
+                raise IntraFusionError(f"cannot reach the Ray cluster at {self.address}: "
+                                       f"{str(exc).splitlines()[0]}") from exc
+            self.connected = True
+        self.task = ray.remote(num_cpus=1, num_gpus=self.gpus, max_retries=RETRIES)(worker_compute)
         return self
 
     def __exit__(self, *_):
         """Cancel the tasks left by an error or Ctrl-C; disconnect if this pool connected."""
-        if self.task is not None:
-            import ray
-            for ref in self.pending:
-                ray.cancel(ref, force=True)
-            if self.connected:
-                ray.shutdown()
+        import ray
+        for ref in self.pending:
+            ray.cancel(ref, force=True)
+        if self.connected:
+            ray.shutdown()
 
 
 def split_lines(cells: list[tuple], parts: int) -> list[list[tuple]]:
