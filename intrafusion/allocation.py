@@ -12,7 +12,7 @@ solvers work with kept channel counts per group (`kept`), which is what fixes th
   the mean of its group (torch-pruning's default "mean" normalizer), all channels are ranked
   together and the least important go, the threshold bisected to meet the budget.
 - `sensitivity`: each group pruned alone at a ladder of sparsities with the chosen method
-  (`measure_profile`, on held-out *training* images through the cached-prefix evaluator);
+  (`measure_profile`, on held-out *training* images through the data-major evaluator);
   `solve` then picks the per-group sparsities of least predicted loss under the budget.
   `iterative_solve` re-measures the next step of every group on the current plan after each step.
 
@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 import torch_pruning as tp
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import IntraFusionError
@@ -392,41 +391,42 @@ def calibrate(pruner: Pruner, model: CostModel, example_input, kind: str, budget
 
 class HeldOutLoss:
     """Mean cross-entropy of pruned copies of `base` on held-out images (N, 3, H, W) and labels
-    (N,), through the cached-prefix evaluator (only the layers from the first changed segment on
-    run per variant)."""
+    (N,), through the data-major evaluator (experiments/prefix.py: the unpruned network runs once
+    per batch and each variant only from its first changed layer on)."""
 
-    def __init__(self, base: Pruner, images: torch.Tensor, labels: torch.Tensor, cache_mb: float = 1024):
-        from .experiments.prefix import GridEvaluator, first_changed_segment
-        self._first_changed = first_changed_segment
-        self.evaluator = GridEvaluator(base, images, labels, cache_mb=cache_mb)
+    def __init__(self, base: Pruner, images: torch.Tensor, labels: torch.Tensor):
+        from .experiments.prefix import GridEvaluator
+        self.evaluator = GridEvaluator(base, images, labels)
         self.base = base
-        self.unpruned = self(base)
 
-    def plan(self, groups) -> None:
-        self.evaluator.plan(groups)
+    @property
+    def unpruned(self) -> float:
+        """The unpruned network's loss (from the first pass)."""
+        return self.evaluator.unpruned("cross_entropy")
 
-    @torch.inference_mode()
+    def hold(self, variant: Pruner) -> Pruner:
+        """`variant`, sharing its unchanged tensors with the base while it waits to be evaluated
+        (it must not be trained afterwards)."""
+        from .experiments.prefix import share_unchanged
+        share_unchanged(self.base.model, variant.model)
+        return variant
+
+    def losses(self, variants: list[Pruner]) -> list[float]:
+        """The loss of each variant, all evaluated in one pass over the images."""
+        return self.evaluator.evaluate(variants, "cross_entropy")
+
     def __call__(self, variant: Pruner) -> float:
-        ev, model = self.evaluator, variant.model.eval()
-        start, acts = 0, None
-        if ev.segments is not None:
-            start = self._first_changed(self.base.model, model, ev.segments)
-            acts = ev._prefix(start) if start > 0 else None
-        total = 0.0
-        for i, (x, y) in enumerate(ev._batches()):
-            out = ev._run(model, acts[i], start, len(ev.segments)) if acts is not None else model(x)
-            total += float(F.cross_entropy(out.float(), y, reduction="sum"))
-        return total / max(len(ev.labels), 1)
+        return self.losses([variant])[0]
 
 
 def measure_profile(base: Pruner, prune, loss: HeldOutLoss, groups, ladder=LADDER) -> Profile:
     """{group: [(s, loss(s) − loss(unpruned))]}: each group pruned alone at each ladder sparsity
     by prune(variant, group, sparsity) (the method, with its repair), rungs a group cannot take
-    (no channel, or no attention head, left: Pruner.check_prunable) skipped."""
-    loss.plan(groups)
+    (no channel, or no attention head, left: Pruner.check_prunable) skipped. The rungs of a
+    group are evaluated together, in one pass over the held-out images."""
     profile: Profile = {}
     for g in groups:
-        profile[g] = []
+        rungs, variants = [], []
         for s in ladder:
             try:
                 base.check_prunable(g, s)
@@ -434,7 +434,9 @@ def measure_profile(base: Pruner, prune, loss: HeldOutLoss, groups, ladder=LADDE
                 continue
             variant = base.copy()
             prune(variant, {g: s})
-            profile[g].append((s, loss(variant) - loss.unpruned))
+            rungs.append(s)
+            variants.append(loss.hold(variant))
+        profile[g] = [(s, value - loss.unpruned) for s, value in zip(rungs, loss.losses(variants))]
     return profile
 
 

@@ -14,7 +14,8 @@ from intrafusion.cli import main
 from intrafusion.errors import IntraFusionError
 from intrafusion.experiments.results import CSV_COLUMNS, CsvLog, previous_rows
 
-GRID = ["--group_idxs", "6", "7", "--sparsities", "0.3", "0.5", "0.7"]  # 12 quick cells
+# 12 quick cells, one line (2 cells) per chunk, so that rows appear while the run goes on
+GRID = ["--group_idxs", "6", "7", "--sparsities", "0.3", "0.5", "0.7", "--cache-mb", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The paper's experiment grid: default pruning vs Intra-Fusion per group, sparsity and criterion.
 
 Every cell prunes a fresh copy of the folded network (the graph is traced once) and evaluates it
-on the whole test set; each result is appended to the CSV as soon as it is known. A rerun
+on the whole test set, together with the other cells of its chunk (one pass, experiments/prefix.py);
+each chunk's results are appended to the CSV as soon as they are known. A rerun
 continues the CSV: cells already in it are skipped, as long as they were computed with the same
 checkpoint, data and fusion settings.
 """
@@ -24,7 +25,6 @@ from tqdm import tqdm
 
 from ..allocation import ALLOCATIONS, allocate, check_budget, group_widths, measure_cost_model
 from ..errors import IntraFusionError, check_at_least, check_positive
-from ..evaluation import accuracy
 from ..groups import FusionSettings, Pruner, check_sparsity, count_macs_params, kept_count
 from ..importance import CRITERIA, DATA_CRITERIA, Scorer
 from ..methods import get_method
@@ -33,7 +33,7 @@ from ..repair import reference_statistics, repair_pruned
 from .checkpoints import default_checkpoint, ensure_unzipped, model_from_state, read_checkpoint
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .parallel import open_pool, split_lines
-from .prefix import GridEvaluator
+from .prefix import GridEvaluator, own_storage, share_unchanged
 from .report import FT, budget_table, finetune_table, summary_table
 from .results import CsvLog, cell_key, previous_rows
 from ..storage import check_writable, file_digest
@@ -56,7 +56,7 @@ class GridConfig:
     batch_size: int = 128
     out: Path | None = None
     fast: bool = True           # False: the naive path, every shortcut off (bench/grid_speed.py)
-    cache_mb: float = 2048      # memory budget of cached prefix activations
+    cache_mb: float = 2048      # memory bound of the pruned variants evaluated together (chunks)
     repair_batches: int = 10    # unlabeled training batches for the *_repair methods
     finetune_epochs: int = 0    # fine-tune every pruned network, one "+ft" row per epoch
     finetune_lr: float = 0.01
@@ -166,11 +166,11 @@ def open_checkpoint(config: GridConfig) -> tuple[dict, str]:
 
 
 def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
-            ) -> tuple[Dataset, tuple, Pruner, float, str, Callable[[], Pruner]]:
+            ) -> tuple[Dataset, tuple, Pruner, str, Callable[[], Pruner]]:
     """Load data and checkpoint (or use `checkpoint` from open_checkpoint); return the dataset,
-    its normalized test tensors (images, labels), the folded base pruner, the unpruned test
-    accuracy, the checkpoint's sha256, and a function that folds and traces a new base from
-    scratch (the naive path's per-cell work)."""
+    its normalized test tensors (images, labels), the folded base pruner, the checkpoint's
+    sha256, and a function that folds and traces a new base from scratch (the naive path's
+    per-cell work). The unpruned accuracy comes from the evaluator's first pass."""
     validate(config)
     state, digest = checkpoint or open_checkpoint(config)
     dataset = load_dataset(config.dataset, config.data_dir)
@@ -179,7 +179,6 @@ def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
     device = torch.device(config.device)
     model.to(device).eval()
     test_x, test_y = dataset.test_tensors()
-    base_accuracy = accuracy(model, test_x, test_y)
     original = copy.deepcopy(model)
     options = pruner_options(model)  # the Mixer's token layers, transformers' residual stream
     pruner = Pruner(model, test_x[:1].to(device), dataset.num_classes, **options)
@@ -187,7 +186,7 @@ def prepare(config: GridConfig, checkpoint: tuple[dict, str] | None = None
         for s in config.sparsities:
             pruner.check_prunable(index, s)
     rebuild = lambda: Pruner(copy.deepcopy(original), test_x[:1].to(device), dataset.num_classes, **options)  # noqa: E731
-    return dataset, (test_x, test_y), pruner, base_accuracy, digest, rebuild
+    return dataset, (test_x, test_y), pruner, digest, rebuild
 
 
 def group_list(pruner: Pruner, groups) -> list[int]:
@@ -233,12 +232,10 @@ class GridRun:
         self.previous = {path: previous_rows(path, self.common, config.resume, config.overwrite)
                          for path in _unique(self.paths.values()) if output}
         self.done = {cell_key(r): r for rows in self.previous.values() for r in rows}
-        self.dataset, (test_x, test_y), self.base, self.base_accuracy, _, rebuild = prepare(config, checkpoint)
+        self.dataset, (test_x, test_y), self.base, _, rebuild = prepare(config, checkpoint)
         self.new_variant = self.base.copy if config.fast else rebuild
-        self.evaluator = GridEvaluator(self.base, test_x, test_y, fast=config.fast,
-                                       cache_mb=config.cache_mb)
+        self.evaluator = GridEvaluator(self.base, test_x, test_y, fast=config.fast)
         self.groups = _unique(config.group_idxs)
-        self.evaluator.plan(g for g in self.groups if g != "all")
         self.example = test_x[:1].to(config.device)
         self.base_macs = count_macs_params(self.base.model, self.example)[0]
         self.results: dict[str, list[dict]] = {str(p): [] for p in self.previous}
@@ -247,6 +244,8 @@ class GridRun:
         self._batches = None
         self._scorers: dict[str, Scorer] = {}
         self._cost = None
+        self._group_bytes: dict[int, int] = {}
+        self.unrecorded: set[str] = set()  # criteria whose 'none' row is still to be recorded
         self.pool = None  # parallel.open_pool's, while `run` runs
 
     def cells(self) -> list[tuple]:
@@ -264,8 +263,16 @@ class GridRun:
         epochs = [(cell[3], 0)] + [(cell[3] + FT, e) for e in range(1, self.config.finetune_epochs + 1)]
         return all((*cell[:3], m, e, cell[4]) in self.done for m, e in epochs)
 
+    @property
+    def base_accuracy(self) -> float:
+        """The unpruned test accuracy, from the evaluator's first pass."""
+        return self.evaluator.base_accuracy
+
     def record(self, row: dict) -> dict:
-        """Write a new row (a known cell keeps its earlier row); add it to the results."""
+        """Write a new row (a known cell keeps its earlier row); add it to the results. A
+        criterion's 'none' row goes before its first other row (`record_unpruned`)."""
+        if row["criterion"] in self.unrecorded:
+            self.record_unpruned(row["criterion"])
         key = cell_key(row)
         path = self.paths[row["criterion"]]
         if key not in self.done:
@@ -273,6 +280,16 @@ class GridRun:
             self.done[key] = row
         self.results[str(path)].append(self.done[key])
         return self.done[key]
+
+    def record_unpruned(self, criterion: str) -> None:
+        """Record the criterion's 'none' row: an earlier run's, or a new one whose accuracy comes
+        from the pass that evaluated the cells before it (a pass of its own only if none ran)."""
+        self.unrecorded.discard(criterion)
+        key = cell_key(dict(criterion=criterion, group=-1, sparsity=0.0, method="none"))
+        if key not in self.done:
+            self.log(f"{criterion:6s} unpruned: {100 * self.base_accuracy:6.2f}%")
+        self.record(self.done.get(key) or self.row(criterion, -1, 0.0, "none", self.base.model,
+                                                   self.base_accuracy))
 
     def replay(self, cell: tuple) -> None:
         """Add the known rows of a finished cell to the results, in epoch order."""
@@ -343,7 +360,8 @@ class GridRun:
         return result.plan
 
     def prune_cell(self, scorer: Scorer, cell: tuple) -> tuple[dict, Pruner]:
-        """Prune a new variant for a cell (see `cells`); its row and the variant."""
+        """Prune a new variant for a cell (see `cells`); its row without the accuracy, and the
+        variant, which on the fast path shares its unchanged tensors with the base."""
         criterion, group, value, name, allocation = cell
         method = get_method(name)
         variant = self.new_variant()
@@ -362,12 +380,14 @@ class GridRun:
             value = round(pruned / sum(widths), 6)
             budget = dict(budget=cell[2], budget_kind=self.config.budget_kind, allocation=allocation.split(":")[1],
                           sparsities=json.dumps({str(g): round(s, 6) for g, s in plan.items()}))
-        return self.row(criterion, group, value, name, variant.model, self.evaluator.accuracy(variant),
-                        seconds, **budget), variant
+        if self.config.fast:
+            share_unchanged(self.base.model, variant.model)
+        return self.row(criterion, group, value, name, variant.model, None, seconds, **budget), variant
 
     def finetune_rows(self, variant: Pruner, row: dict) -> list[dict]:
         """Fine-tune the variant; a "+ft" row with the test accuracy after each epoch."""
         rows = []
+        own_storage(self.base.model, variant.model)
 
         def on_epoch(epoch: int, model) -> None:
             rows.append(dict(row, method=row["method"] + FT, epoch=epoch,
@@ -381,25 +401,54 @@ class GridRun:
     def compute(self, cells: list[tuple]) -> list[dict]:
         """The rows of `cells` (see `cells`), each followed by its fine-tuning rows, in cell
         order; nothing is written. The one place where cells are computed: the serial driver
-        calls it on chunks of pending cells, a worker process on the cells it is sent."""
+        calls it on chunks of pending cells, a worker process on the cells it is sent. All cells
+        are pruned first, then evaluated together in one pass over the test set."""
+        pruned = [self.prune_cell(self.scorer(cell[0]), cell) for cell in cells]
+        accuracies = self.evaluator.evaluate([variant for _, variant in pruned])
         rows = []
-        for cell in cells:
-            row, variant = self.prune_cell(self.scorer(cell[0]), cell)
-            rows.append(row)
+        for accuracy_ in accuracies:
+            row, variant = pruned.pop(0)  # let go once done: a fine-tuned variant owns all its tensors
+            rows.append(dict(row, accuracy=accuracy_))
             if self.config.finetune_epochs:
-                rows.extend(self.finetune_rows(variant, row))
+                rows.extend(self.finetune_rows(variant, rows[-1]))
         return rows
 
+    def variant_bytes(self, cell: tuple) -> int:
+        """At most the bytes a cell's variant holds apart from the base on the fast path: the
+        tensors of the modules its groups change (every group for a budget cell)."""
+        groups = range(len(self.base.groups)) if cell[4] else group_list(self.base, [cell[1]])
+        for g in groups:
+            if g not in self._group_bytes:
+                self._group_bytes[g] = sum(t.numel() * t.element_size() for n in self.base.changed_modules(g)
+                                           for t in self.base.model.get_submodule(n).state_dict().values())
+        return sum(self._group_bytes[g] for g in groups)
+
     def chunks(self, cells: list[tuple]) -> list[list[tuple]]:
-        """How pending cells are handed to `compute`: one chunk per line of the log (the methods
-        of one group and sparsity, or of one budget and allocation)."""
-        return [list(c) for _, c in itertools.groupby(cells, key=lambda c: (*c[:3], c[4]))]
+        """How pending cells are handed to `compute`: whole lines of the log (the methods of one
+        group and sparsity, or of one budget and allocation), on the fast path as many as fit
+        `cache_mb` MiB of variants (`variant_bytes`), since each chunk is one pass over the test
+        set that runs the unpruned network once; one line per chunk on the naive path."""
+        lines = [list(c) for _, c in itertools.groupby(cells, key=lambda c: (*c[:3], c[4]))]
+        if not self.config.fast:
+            return lines
+        chunks, used = [], 0
+        for line in lines:
+            size = sum(map(self.variant_bytes, line))
+            if chunks and used + size <= self.config.cache_mb * 2 ** 20:
+                chunks[-1] += line
+                used += size
+            else:
+                chunks.append(line)
+                used = size
+        return chunks
 
     def run_criterion(self, criterion: str, bar) -> None:
         """Every cell of one criterion: the unpruned row, then the pending cells chunk by chunk,
         computed here or by the pool's workers (in the order they finish), each chunk's rows
         recorded as soon as it is computed, one log line per chunk."""
-        self.record(self.row(criterion, -1, 0.0, "none", self.base.model, self.base_accuracy))
+        self.unrecorded.add(criterion)  # its 'none' row goes with the first row, from the same pass
+        if self.pool:  # this process evaluates no cell: the row from a pass of its own, first
+            self.record_unpruned(criterion)
         cells = [c for c in self.cells() if c[0] == criterion]
         for cell in cells:
             if self.finished(cell):
@@ -429,8 +478,7 @@ class GridRun:
     def run(self, progress: bool = False) -> dict[str, list[dict]]:
         cells = self.cells()
         finished = sum(map(self.finished, cells))
-        self.log(f"{self.config.model_name} on {self.config.dataset}: unpruned accuracy "
-                 f"{100 * self.base_accuracy:.2f}%, {len(self.base.groups)} groups"
+        self.log(f"{self.config.model_name} on {self.config.dataset}: {len(self.base.groups)} groups"
                  + (f"; resuming, {finished} of {len(cells)} cells done" if finished else ""))
         with ExitStack() as stack:
             self.pool = stack.enter_context(open_pool(self.config, self.log))  # a Ray cluster is reached first

@@ -1,26 +1,37 @@
-"""Evaluation of pruned variants that reuses the unpruned prefix of the network.
+"""Data-major evaluation of pruned variants that reuses the unpruned network's work.
 
 Pruning a group changes only some layers; everything before the first changed layer computes the
 same activations as in the unpruned network. The network is split into a chain of segments whose
 composition is its forward pass (VGG: each `features` module, then the classifier; ResNet: stem,
-each residual block, then the head). The test-set activations entering a segment are computed
-once from the unpruned network and cached (within a memory budget), and each variant runs only
-from its first changed segment on. Prefixes are nested, so each is computed from the deepest
-cached one before it, and the first pass also keeps the planned shallower ones (`plan`): every
-unpruned segment then runs once per test set. Batches are the same as in a full forward pass, so
-the accuracies are identical to the last image. Models that cannot be split use the full forward.
+each residual block, then the head). `GridEvaluator.evaluate` takes all pending variants at once
+and reads the images batch by batch: for each batch the unpruned network runs once, keeping the
+activations entering every variant's first changed segment, and each variant runs only its suffix
+on them. The first pass also runs the unpruned network to its end, which gives its own accuracy.
+
+With BN folded, a variant's first changed conv/linear layer is a linear map of the unpruned
+layer's output (its input is still the unpruned one): default pruning keeps a subset of its rows
+(the output is a channel slice, exactly), fusion and repair mix them (W' = A·W, b' = A·b + c: the
+output is A·y + c, equal up to float rounding). That output is computed from the unpruned layer's,
+captured during the base run, instead of running the layer again (`LayerMap`).
+
+Memory holds one batch of activations per kept boundary, not the test set. Models that cannot be
+split run every variant's whole forward pass on each batch.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..evaluation import count_correct
+from ..repair import execution_order
 
 Segment = tuple[tuple[str, ...], Callable[[nn.Module, torch.Tensor], torch.Tensor]]
+METRICS = ("accuracy", "cross_entropy")  # means over the images; "predictions" gives them each
+MIX_TOLERANCE = 1e-5  # relative residual ‖A·W − W'‖ / ‖W'‖ up to which a layer counts as a mix
 
 
 def model_segments(model: nn.Module) -> list[Segment] | None:
@@ -34,6 +45,12 @@ def _state_of(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, torch
     return [(f"{n}.{k}", v) for n in names for k, v in model.get_submodule(n).state_dict().items()]
 
 
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k])
+                                          for k in sa)
+
+
 def first_changed_segment(base: nn.Module, variant: nn.Module, segments: list[Segment]) -> int:
     """Index of the first segment whose parameters or buffers differ between the two models."""
     for i, (names, _) in enumerate(segments):
@@ -43,38 +60,161 @@ def first_changed_segment(base: nn.Module, variant: nn.Module, segments: list[Se
     return len(segments) - 1
 
 
-def segment_of(segments: list[Segment], names) -> int:
-    """Index of the first segment holding one of the modules `names` (dotted paths), else the last."""
-    for i, (held, _) in enumerate(segments):
-        if any(n == h or n.startswith(h + ".") for h in held for n in names):
-            return i
-    return len(segments) - 1
+def share_unchanged(base: nn.Module, variant: nn.Module) -> None:
+    """Let every parameter and buffer of `variant` that equals the one of the same name in `base`
+    use `base`'s storage, so that a variant waiting for evaluation holds only what pruning
+    changed. A variant to be trained must call `own_storage` first."""
+    reference = base.state_dict(keep_vars=True)
+    for name, t in variant.state_dict(keep_vars=True).items():
+        b = reference.get(name)
+        if b is not None and b.shape == t.shape and b.dtype == t.dtype and torch.equal(b, t):
+            t.data = b.data
+
+
+def own_storage(base: nn.Module, variant: nn.Module) -> None:
+    """Undo `share_unchanged`: copy every tensor of `variant` that uses `base`'s storage."""
+    shared = {t.data_ptr() for t in base.state_dict().values()}
+    for t in variant.state_dict(keep_vars=True).values():
+        if t.data_ptr() in shared:
+            t.data = t.data.clone()
+
+
+def _bias(layer: nn.Module) -> torch.Tensor:
+    out = layer.weight.shape[0]
+    return layer.bias.detach() if layer.bias is not None else layer.weight.new_zeros(out)
+
+
+@dataclass
+class LayerMap:
+    """How a variant's layer `name` computes its output from the unpruned layer's output y for the
+    same input: y's channels `rows` (k,), exactly, or mix (k, n) · y + shift (k,), along the
+    channel axis `dim` (1 for convolutions, -1 for Linear)."""
+
+    name: str
+    dim: int
+    rows: torch.Tensor | None = None
+    mix: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        """The variant layer's output from the unpruned one, y (B, n, H, W) or (…, n)."""
+        if self.rows is not None:
+            return y.index_select(self.dim, self.rows)
+        if self.dim == -1:
+            return F.linear(y, self.mix, self.shift)
+        return F.conv2d(y, self.mix[:, :, None, None], self.shift)
+
+    def macs(self, out_positions: int) -> int:
+        """Multiply-accumulates of computing one image's output at `out_positions` positions."""
+        return 0 if self.mix is None else self.mix.numel() * out_positions
+
+
+def layer_map(name: str, base_layer: nn.Module, layer: nn.Module,
+              rows: torch.Tensor | None = None) -> LayerMap | None:
+    """`layer` (a pruned copy of `base_layer`) as a LayerMap of base_layer's output, or None.
+
+    rows (k,): the base rows the variant's rows came from (Pruner.channel_map), tried first as an
+    exact slice. Otherwise, if mixing n channels costs less than the layer's m = in·kh·kw
+    multiply-accumulates per output, A is solved from W' = A·W by least squares (in float64, on
+    2n of the m flattened weight columns: n independent ones fix A) and kept if the residual over
+    all columns is within MIX_TOLERANCE (any solution then works: only A·W matters)."""
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)) or type(layer) is not type(base_layer):
+        return None
+    if getattr(layer, "groups", 1) != 1:
+        return None
+    w0, w = base_layer.weight.detach().flatten(1), layer.weight.detach().flatten(1)
+    if w0.shape[1] != w.shape[1]:
+        return None
+    b0, b = _bias(base_layer), _bias(layer)
+    dim = -1 if isinstance(layer, nn.Linear) else 1
+    rows = rows if rows is None else rows.to(w.device)
+    if rows is not None and torch.equal(w, w0[rows]) and torch.equal(b, b0[rows]):
+        return LayerMap(name, dim, rows=rows)
+    n, m = w0.shape
+    if n >= m:
+        return None
+    cols = torch.linspace(0, m - 1, min(m, 2 * n), device=w.device).long()
+    mix = torch.linalg.lstsq(w0[:, cols].T.double(), w[:, cols].T.double()).solution.T
+    if (mix.to(w.dtype) @ w0 - w).norm() > MIX_TOLERANCE * w.norm():
+        return None
+    shift = b.double() - mix @ b0.double()
+    return LayerMap(name, dim, mix=mix.to(w.dtype), shift=shift.to(w.dtype))
+
+
+def _rows(base_map: torch.Tensor | None, variant_map: torch.Tensor | None) -> torch.Tensor | None:
+    """Positions in base_map (ascending channel indices) of variant_map's; None if not a subset."""
+    if base_map is None or variant_map is None or not len(base_map):
+        return None
+    pos = torch.searchsorted(base_map, variant_map).clamp_max(len(base_map) - 1)
+    return pos if torch.equal(base_map[pos], variant_map) else None
+
+
+@dataclass
+class Route:
+    """How a variant is evaluated: from segment `start` on (None: the whole forward pass), its
+    first changed layer computed from the unpruned one by `reuse` (None: run)."""
+
+    start: int | None
+    reuse: LayerMap | None = None
+
+
+class _Replay(nn.Module):
+    """Stands in for a variant's layer during its suffix run: returns `output`, set per batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.output: torch.Tensor | None = None
+
+    def forward(self, *_):
+        return self.output
+
+
+@contextmanager
+def _replaced(model: nn.Module, name: str, module: nn.Module):
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    original = getattr(owner, child)
+    setattr(owner, child, module)
+    try:
+        yield module
+    finally:
+        setattr(owner, child, original)
+
+
+def _score(out: torch.Tensor, y: torch.Tensor, metric: str):
+    """Of a batch's logits (B, classes): the number of correct predictions, the summed
+    cross-entropy, or the predictions (B,)."""
+    if metric == "accuracy":
+        return int((out.argmax(1) == y).sum())
+    if metric == "cross_entropy":
+        return float(F.cross_entropy(out.float(), y, reduction="sum"))
+    return out.argmax(1).cpu()
+
+
+def _total(parts: list, metric: str, count: int):
+    """The metric over the images from its batches' `_score`s: a mean, or all predictions (N,)."""
+    return torch.cat(parts) if metric == "predictions" else sum(parts) / max(count, 1)
 
 
 class GridEvaluator:
-    """Accuracy of pruned copies of `base` (a Pruner) on test tensors (N, 3, H, W), (N,).
+    """Accuracy (or mean cross-entropy) of pruned copies of `base` (a Pruner) on test tensors
+    (N, 3, H, W), (N,), in batches of `batch_size`.
 
-    fast=False evaluates every variant with a full forward pass. `cache_mb` bounds the memory of
-    cached prefix activations; a prefix that does not fit is not cached (full forward instead)."""
+    fast=False evaluates every variant by itself with a full forward pass, and the unpruned
+    network with a pass of its own (the naive path). `stats` counts, per pass, the batches, the
+    unpruned segments run, and the variants run whole, from a segment, and with a reused layer."""
 
     def __init__(self, base, images: torch.Tensor, labels: torch.Tensor, fast: bool = True,
-                 cache_mb: float = 2048, batch_size: int = 1000):
+                 batch_size: int = 1000):
         self.base, self.images, self.labels, self.fast = base, images, labels, fast
-        self.batch_size, self.budget = batch_size, cache_mb * 2 ** 20
+        self.batch_size = batch_size
         self.device = next(base.model.parameters()).device
         self.segments = model_segments(base.model) if fast else None
-        self.cache: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
-        self.planned: set[int] = set()
-        self.stats = {"full": 0, "suffix": 0, "prefix_computed": 0}
+        self.stats = {"passes": 0, "batches": 0, "base_segments": 0, "full": 0, "suffix": 0, "reused": 0}
+        self._unpruned: dict[str, float] | None = None
+        self._order: list[str] | None = None
         if self.segments is not None and not self._chain_matches():
             self.segments = None
-
-    def plan(self, groups) -> None:
-        """Announce the group indices the variants to come will prune, so that their prefixes are
-        computed together in one pass. A hint only: each variant's start is still found by
-        comparing its parameters with the base."""
-        if self.segments is not None:
-            self.planned = {segment_of(self.segments, self.base.changed_modules(g)) for g in groups} - {0}
 
     def _run(self, model: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         for _, fn in self.segments[start:stop]:
@@ -92,59 +232,123 @@ class GridEvaluator:
         x = self.images[:2].to(self.device)
         return torch.equal(self._run(model, x, 0, len(self.segments)), model(x))
 
-    def _cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for acts in self.cache.values() for t in acts)
+    def unpruned(self, metric: str = "accuracy") -> float:
+        """The unpruned network's metric ("accuracy" or "cross_entropy"): from the first
+        `evaluate` pass, or from a pass of its own if there was none (always on the naive path)."""
+        if self._unpruned is None and self.fast:
+            self.evaluate([])
+        elif self._unpruned is None:
+            self._unpruned = dict(zip(METRICS, self._full(self.base.model.eval(), METRICS)))
+        return self._unpruned[metric]
 
-    @torch.inference_mode()
-    def _prefix(self, index: int) -> list[torch.Tensor] | None:
-        """Activations entering segment `index` for every test batch, from the unpruned model.
-
-        Runs from the deepest cached prefix before `index` (or the input), and on the way keeps
-        the planned prefixes not yet cached while they fit the budget."""
-        if index in self.cache:
-            self.cache.move_to_end(index)
-            return self.cache[index]
-        model = self.base.model.eval()
-        sizes, probe = [], self.images[:1].to(self.device)
-        for _, fn in self.segments[:index + 1]:
-            sizes.append(probe.numel() * probe.element_size() * len(self.labels))
-            probe = fn(model, probe)
-        if sizes[index] > self.budget:
-            return None
-        while self.cache and self._cache_bytes() + sizes[index] > self.budget:
-            self.cache.popitem(last=False)
-        source = max((k for k in self.cache if k < index), default=0)
-        keep, used = [], self._cache_bytes() + sizes[index]
-        for k in sorted(self.planned - self.cache.keys()):
-            if source < k < index and used + sizes[k] <= self.budget:
-                keep.append(k)
-                used += sizes[k]
-        inputs = self.cache[source] if source else [images for images, _ in self._batches()]
-        acts = {k: [] for k in [*keep, index]}
-        for x in inputs:
-            for k in range(source, index):
-                if k in acts:
-                    acts[k].append(x)
-                x = self.segments[k][1](model, x)
-            acts[index].append(x)
-        for k in sorted(acts):
-            self.cache[k] = acts[k]
-        self.stats["prefix_computed"] += len(acts)
-        return acts[index]
+    @property
+    def base_accuracy(self) -> float:
+        return self.unpruned("accuracy")
 
     def accuracy(self, variant) -> float:
         """Test accuracy of `variant` (a pruned copy of base)."""
-        model = variant.model.eval()
-        if self.segments is not None:
-            start = first_changed_segment(self.base.model, model, self.segments)
-            acts = self._prefix(start) if start > 0 else None
-            if acts is not None:
-                correct = 0
-                with torch.inference_mode():
-                    for a, (_, y) in zip(acts, self._batches()):
-                        out = self._run(model, a, start, len(self.segments))
-                        correct += int((out.argmax(1) == y).sum())
-                self.stats["suffix"] += 1
-                return correct / max(len(self.labels), 1)
+        return self.evaluate([variant])[0]
+
+    def route(self, variant) -> Route:
+        """Where `variant`'s evaluation starts and whether its first changed layer is reused: the
+        first conv/linear layer of the first changed segment whose parameters differ (the layers
+        before it are unchanged, so its input is the unpruned one)."""
+        if self.segments is None:
+            return Route(None)
+        base, model = self.base.model, variant.model
+        start = first_changed_segment(base, model, self.segments)
+        held = self.segments[start][0]
+        if self._order is None:
+            self._order = execution_order(base, self.images[:1])
+        for name in self._order:
+            if not any(name == h or name.startswith(h + ".") for h in held):
+                continue
+            a, b = base.get_submodule(name), model.get_submodule(name)
+            if not _same_state(a, b):
+                rows = _rows(self.base.channel_map.get(name), variant.channel_map.get(name))
+                return Route(start, layer_map(name, a, b, rows))
+        return Route(start)
+
+    def evaluate(self, variants, metric: str = "accuracy") -> list:
+        """`metric` of every variant (pruned copies of base), in one pass over the batches:
+        "accuracy" or "cross_entropy" (means over the images, floats) or "predictions" (N,);
+        the unpruned network's metrics come from the same pass if not yet known."""
+        if metric not in (*METRICS, "predictions"):
+            raise ValueError(f"metric must be one of {METRICS} or 'predictions', got {metric!r}")
+        models = [v.model.eval() for v in variants]
+        if not self.fast:
+            return [self._full(m, [metric])[0] for m in models]
+        routes = [self.route(v) for v in variants]
+        self.stats["passes"] += 1
+        return self._pass(models, routes, metric)
+
+    @torch.inference_mode()
+    def _full(self, model: nn.Module, metrics) -> list:
+        """The naive path: each of `metrics` of `model`'s whole forward pass on every batch."""
         self.stats["full"] += 1
-        return count_correct(model, self.images, self.labels, self.batch_size) / max(len(self.labels), 1)
+        parts = {m: [] for m in metrics}
+        for x, y in self._batches():
+            out = model(x)
+            for m in metrics:
+                parts[m].append(_score(out, y, m))
+        return [_total(parts[m], m, len(self.labels)) for m in metrics]
+
+    @torch.inference_mode()
+    def _pass(self, models: list[nn.Module], routes: list[Route], metric: str) -> list:
+        parts = [[] for _ in models]
+        base_totals = dict.fromkeys(METRICS, 0.0)
+        captured: dict[str, torch.Tensor] = {}
+        with ExitStack() as stack:
+            replays = [stack.enter_context(_replaced(m, r.reuse.name, _Replay())) if r.reuse else None
+                       for m, r in zip(models, routes)]
+            for name in {r.reuse.name for r in routes if r.reuse}:  # a copy: an in-place ReLU may follow
+                hook = self.base.model.get_submodule(name).register_forward_hook(
+                    lambda _m, _i, out, name=name: captured.__setitem__(name, out.clone()))
+                stack.callback(hook.remove)
+            for x, y in self._batches():
+                inputs, logits = self._base_batch(x, routes)
+                if logits is not None:
+                    for m in METRICS:
+                        base_totals[m] += _score(logits, y, m)
+                for i, (model, route, replay) in enumerate(zip(models, routes, replays)):
+                    if route.start is None:
+                        out = model(x)
+                    else:
+                        if replay is not None:
+                            replay.output = route.reuse(captured[route.reuse.name])
+                        out = self._run(model, inputs[route.start], route.start, len(self.segments))
+                        if replay is not None:
+                            replay.output = None
+                    parts[i].append(_score(out, y, metric))
+                inputs.clear()
+                captured.clear()
+        self._count(routes)
+        if self._unpruned is None:
+            self._unpruned = {m: v / max(len(self.labels), 1) for m, v in base_totals.items()}
+        return [_total(p, metric, len(self.labels)) for p in parts]
+
+    def _base_batch(self, x: torch.Tensor, routes: list[Route]):
+        """Run the unpruned network on batch x as far as the routes need (to the end while its own
+        metrics are unknown); the activations entering each route's start segment, and the
+        logits when it ran to the end (else None). Reused layers' outputs are captured by hooks."""
+        model = self.base.model.eval()
+        self.stats["batches"] += 1
+        if self.segments is None:
+            return {}, model(x) if self._unpruned is None else None
+        starts = {r.start for r in routes}
+        stop = len(self.segments) if self._unpruned is None else max(
+            [r.start + (r.reuse is not None) for r in routes], default=0)
+        inputs = {}
+        for k in range(stop):
+            if k in starts:
+                inputs[k] = x
+            x = self.segments[k][1](model, x)
+        if stop in starts:
+            inputs[stop] = x
+        self.stats["base_segments"] += stop
+        return inputs, x if stop == len(self.segments) else None
+
+    def _count(self, routes: list[Route]) -> None:
+        for r in routes:
+            self.stats["full" if r.start is None else "suffix"] += 1
+            self.stats["reused"] += r.reuse is not None
