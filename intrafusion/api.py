@@ -27,7 +27,7 @@ from .groups import FusionSettings, Pruner, count_macs_params, fuse_channels
 from .importance import DATA_CRITERIA, Scorer
 from .methods import Method, get_method
 from .models import pruner_options
-from .repair import layer_statistics, reference_statistics, repair_pruned
+from .repair import RepairInputs, layer_statistics, reference_statistics, repair_pruned
 
 BnStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -140,11 +140,12 @@ def budget_plan(base: Pruner, example_inputs: torch.Tensor, groups, budget: tupl
     if kind == "sparsity" and allocation == "uniform" and not round_to:
         return sparsity_plan(base, groups, value)
     statistics = reference_statistics(base.model, batches) if method.repair else None
+    inputs = RepairInputs(base.model, batches) if method.repair else None
 
     def prune(variant: Pruner, plan: dict[int, float]) -> None:
         prune_plan(variant, plan, method, scorer, fusion)
         if method.repair:
-            repair_pruned(base, variant, batches, statistics)
+            repair_pruned(base, variant, inputs, statistics)
 
     settings = None
     if profile_cache is not None and allocation == "sensitivity" and isinstance(criterion, str):

@@ -1,9 +1,14 @@
-"""Accuracy of a model on in-memory tensors, in large batches under inference mode, and
-forward passes with hooks on named layers (statistics, importance)."""
+"""Accuracy of a model on in-memory tensors, in large batches under inference mode, forward
+passes with hooks on named layers (statistics, importance), and the chain of segments a model
+splits into (a variant re-runs only the segments from its first changed one on)."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
+
+Segment = tuple[tuple[str, ...], Callable[[nn.Module, torch.Tensor], torch.Tensor]]
 
 
 def count_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -28,9 +33,10 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return count_correct(model, images, labels, batch_size) / max(len(labels), 1)
 
 
-def run_hooked(model: nn.Module, layer_names, make_hook, inputs) -> None:
+def run_hooked(model: nn.Module, layer_names, make_hook, inputs, forward=None) -> None:
     """Forward every input through `model` in eval mode with make_hook(name) hooked on each
-    named layer; hooks removed and the training flag restored afterwards."""
+    named layer, by forward(x) (default model(x)); hooks removed and the training flag restored
+    afterwards."""
     modules = dict(model.named_modules())
     was_training = model.training
     model.eval()
@@ -38,8 +44,28 @@ def run_hooked(model: nn.Module, layer_names, make_hook, inputs) -> None:
     handles = [modules[n].register_forward_hook(make_hook(n)) for n in layer_names]
     try:
         for x in inputs:
-            model(x.to(device))
+            (forward or model)(x.to(device))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+def model_segments(model: nn.Module) -> list[Segment] | None:
+    """The chain of (module names, fn(model, x)) whose composition is model(x), as the model
+    supplies it through a `segments()` method; None for a model that does not (full forward)."""
+    segments = getattr(model, "segments", None)
+    return segments() if callable(segments) else None
+
+
+def _state_of(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
+    return [(f"{n}.{k}", v) for n in names for k, v in model.get_submodule(n).state_dict().items()]
+
+
+def first_changed_segment(base: nn.Module, variant: nn.Module, segments: list[Segment]) -> int:
+    """Index of the first segment whose parameters or buffers differ between the two models."""
+    for i, (names, _) in enumerate(segments):
+        for (_, a), (_, b) in zip(_state_of(base, names), _state_of(variant, names)):
+            if a.shape != b.shape or not torch.equal(a, b):
+                return i
+    return len(segments) - 1

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .evaluation import run_hooked
+from .evaluation import first_changed_segment, model_segments, run_hooked
 from .fusion import FUSABLE_LAYERS
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -143,7 +143,7 @@ def layers_to_repair(base_model: nn.Module, pruned_model: nn.Module, example_inp
 
 @torch.no_grad()
 def repair(model: nn.Module, reference: Stats, channel_map: dict[str, torch.Tensor], layer_names,
-           batches) -> Stats:
+           batches, forward=None) -> Stats:
     """Correct the named conv/linear layers of `model` in place, in one forward pass of all
     `batches` concatenated into one batch, so that each layer's output channel c has the mean and
     variance reference[name] had at channel channel_map[name][c].
@@ -153,7 +153,8 @@ def repair(model: nn.Module, reference: Stats, channel_map: dict[str, torch.Tens
     and passes the corrected output on); a layer run twice in one pass is corrected once.
     Returns each layer's (mean, var) as measured just before it was corrected.
     Concatenating keeps it to one pass; its activations for all calibration images (e.g. 10
-    batches of 128) must fit in memory at once, one layer at a time."""
+    batches of 128) must fit in memory at once, one layer at a time. forward(x): what runs
+    `model` on that batch (default model(x); RepairInputs.forward starts later)."""
     measured: Stats = {}
 
     def hook(name):
@@ -171,7 +172,7 @@ def repair(model: nn.Module, reference: Stats, channel_map: dict[str, torch.Tens
             return out * scale.to(out).view(shape) + shift.to(out).view(shape)
         return correct
 
-    run_hooked(model, layer_names, hook, [torch.cat(_inputs(batches))])
+    run_hooked(model, layer_names, hook, [torch.cat(_inputs(batches))], forward)
     return measured
 
 
@@ -180,15 +181,73 @@ def reference_statistics(model: nn.Module, batches) -> Stats:
     return layer_statistics(model, execution_order(model, _inputs(batches)[0][:1]), batches)
 
 
+class RepairInputs:
+    """The calibration batches of the repairs of one network's variants, and the unpruned
+    network's activations entering its segments (evaluation.model_segments), kept within
+    `cache_mb`. A variant's layers before its first changed segment compute what the unpruned
+    ones do, so its repair pass starts there: the same numbers as a whole forward pass, without
+    re-running the unchanged layers for every variant of a grid or a sensitivity profile. A
+    model without segments runs whole."""
+
+    def __init__(self, base_model: nn.Module, batches, cache_mb: float = 1024):
+        self.model, self.batches = base_model, list(batches)
+        self.segments = model_segments(base_model)
+        self.budget = cache_mb * 2 ** 20
+        self.entering: dict[int, torch.Tensor] = {}
+
+    def _bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.entering.values())
+
+    @torch.no_grad()
+    def activations(self, index: int) -> torch.Tensor:
+        """The unpruned network's input to segment `index` for all calibration images (one
+        batch), computed from the deepest kept one before it. Every input passed on the way is
+        kept, the shallowest dropped first beyond the budget: feature maps shrink with depth, and
+        the deeper a segment, the more variants start at or after it."""
+        if index in self.entering:
+            return self.entering[index]
+        source = max((k for k in self.entering if k < index), default=0)
+        x = self.entering[source] if source else torch.cat(_inputs(self.batches))
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        for k in range(source, index):
+            x = self.segments[k][1](self.model, x.to(device))
+            self.entering[k + 1] = x
+            while self._bytes() > self.budget:
+                del self.entering[min(self.entering)]
+        self.model.train(was_training)
+        return x
+
+    def forward(self, variant: nn.Module):
+        """forward(x) for `repair`: `variant` run from its first changed segment on the cached
+        unpruned activations (x, the concatenated batches, is then not used)."""
+        if self.segments is None:
+            return None
+        start = first_changed_segment(self.model, variant, self.segments)
+        if start == 0:
+            return None
+        entering = self.activations(start)
+
+        def run(_x: torch.Tensor) -> torch.Tensor:
+            x = entering
+            for _, fn in self.segments[start:]:
+                x = fn(variant, x)
+            return x
+        return run
+
+
 def repair_pruned(base, variant, batches, reference: Stats | None = None) -> list[str]:
-    """Repair `variant` (a pruned copy of Pruner `base`) in place on `batches` ((x, y) pairs or
-    input tensors); return the names of the repaired layers (all but the classifier from the
-    first changed one on). `reference`: reference_statistics(base.model, batches), computed here
-    when not given; compute it once per model and pass it in a grid."""
+    """Repair `variant` (a pruned copy of Pruner `base`) in place on `batches` ((x, y) pairs,
+    input tensors, or RepairInputs of base's network, which skips the unchanged segments);
+    return the names of the repaired layers (all but the classifier from the first changed one
+    on). `reference`: reference_statistics(base.model, batches), computed here when not given;
+    compute it once per model and pass it in a grid."""
+    inputs = batches if isinstance(batches, RepairInputs) else RepairInputs(base.model, batches, cache_mb=0)
     names = {m: n for n, m in base.model.named_modules()}
-    first = _inputs(batches)[0][:1]
+    first = _inputs(inputs.batches)[0][:1]
     if reference is None:
-        reference = reference_statistics(base.model, batches)
+        reference = reference_statistics(base.model, inputs.batches)
     layers = layers_to_repair(base.model, variant.model, first, exclude=[names[base.classifier]])
-    repair(variant.model, reference, variant.channel_map, layers, batches)
+    repair(variant.model, reference, variant.channel_map, layers, inputs.batches, inputs.forward(variant.model))
     return layers

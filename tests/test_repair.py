@@ -165,3 +165,36 @@ def test_moments_per_channel_and_merged_over_batches():
     tokens = torch.randn(2, 6, 4, generator=g)                      # Linear output: channels last
     _, mean, m2 = channel_moments(tokens, -1)
     torch.testing.assert_close(mean, tokens.flatten(0, 1).double().mean(0))
+
+
+@pytest.mark.parametrize("name", ["narrow", pytest.param("resnet18", marks=pytest.mark.slow)])
+def test_repair_from_cached_prefix_equals_whole_pass_and_skips_unchanged_segments(name):
+    """RepairInputs starts a variant's repair at its first changed segment on the unpruned
+    activations it keeps: the repaired weights are bit-identical to a whole forward pass's, and
+    the segments before the start run once for all variants of the network, not per variant."""
+    from helpers import NARROW_VGG11
+    from intrafusion.models import VGG, build_model
+    from intrafusion.repair import RepairInputs
+    torch.manual_seed(0)
+    model = randomize_batchnorms(VGG(NARROW_VGG11) if name == "narrow" else build_model(name))
+    base = Pruner(model, torch.randn(1, 3, 32, 32))
+    batches = calibration(size=32, count=2, batch=8)
+    reference = reference_statistics(base.model, batches)
+    inputs = RepairInputs(base.model, batches)
+    first = next(m for m in base.model.modules() if isinstance(m, torch.nn.Conv2d))
+    counting, calls = [False], []
+    hook = first.register_forward_hook(lambda m, *_: calls.append(1) if m is first and counting[0] else None)
+    for group in (0, 1, 2):
+        for sparsity in (0.3, 0.6):
+            whole, cached = base.copy(), base.copy()
+            for v in (whole, cached):
+                v.prune_group(group, sparsity, "intra_fusion", Scorer("l1"))
+            repair_pruned(base, whole, batches, reference)
+            counting[0] = True
+            repair_pruned(base, cached, inputs, reference)
+            counting[0] = False
+            for (key, a), b in zip(whole.model.state_dict().items(), cached.model.state_dict().values()):
+                assert torch.equal(a, b), key
+    hook.remove()
+    assert inputs.entering and min(inputs.entering) > 0   # deep inputs kept, not the images
+    assert len(calls) == 1   # the unpruned first layer ran once for the six repairs

@@ -29,7 +29,7 @@ from ..groups import FusionSettings, Pruner, check_sparsity, count_macs_params, 
 from ..importance import CRITERIA, DATA_CRITERIA, Scorer
 from ..methods import get_method
 from ..models import MODEL_NAMES, pruner_options
-from ..repair import reference_statistics, repair_pruned
+from ..repair import RepairInputs, reference_statistics, repair_pruned
 from .checkpoints import default_checkpoint, ensure_unzipped, model_from_state, read_checkpoint
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .parallel import open_pool, split_lines
@@ -298,12 +298,13 @@ class GridRun:
             self.record(self.done[key])
 
     def repair_data(self):
-        """(batches, unpruned reference statistics) for the *_repair methods, measured once."""
+        """(RepairInputs, unpruned reference statistics) for the *_repair methods, made once:
+        every variant's repair reuses the unpruned activations before its first changed segment."""
         if self._repair is None:
             c = self.config
             batches = calibration_batches(self.dataset, c.repair_batches, c.batch_size, seed=1)
             batches = [(x.to(c.device), y) for x, y in batches]
-            self._repair = (batches, reference_statistics(self.base.model, batches))
+            self._repair = (RepairInputs(self.base.model, batches), reference_statistics(self.base.model, batches))
         return self._repair
 
     def scorer(self, criterion: str) -> Scorer:

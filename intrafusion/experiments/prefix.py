@@ -21,43 +21,22 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..evaluation import Segment, first_changed_segment, model_segments  # noqa: F401 (re-exported)
 from ..repair import execution_order
 
-Segment = tuple[tuple[str, ...], Callable[[nn.Module, torch.Tensor], torch.Tensor]]
 METRICS = ("accuracy", "cross_entropy")  # means over the images; "predictions" gives them each
 MIX_TOLERANCE = 1e-5  # relative residual ‖A·W − W'‖ / ‖W'‖ up to which a layer counts as a mix
-
-
-def model_segments(model: nn.Module) -> list[Segment] | None:
-    """The chain of (module names, fn(model, x)) whose composition is model(x), as the model
-    supplies it through a `segments()` method; None for a model that does not (full forward)."""
-    segments = getattr(model, "segments", None)
-    return segments() if callable(segments) else None
-
-
-def _state_of(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
-    return [(f"{n}.{k}", v) for n in names for k, v in model.get_submodule(n).state_dict().items()]
 
 
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k])
                                           for k in sa)
-
-
-def first_changed_segment(base: nn.Module, variant: nn.Module, segments: list[Segment]) -> int:
-    """Index of the first segment whose parameters or buffers differ between the two models."""
-    for i, (names, _) in enumerate(segments):
-        for (_, a), (_, b) in zip(_state_of(base, names), _state_of(variant, names)):
-            if a.shape != b.shape or not torch.equal(a, b):
-                return i
-    return len(segments) - 1
 
 
 def share_unchanged(base: nn.Module, variant: nn.Module) -> None:
