@@ -58,14 +58,16 @@ def model_segments(model: nn.Module) -> list[Segment] | None:
     return segments() if callable(segments) else None
 
 
-def _state_of(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
-    return [(f"{n}.{k}", v) for n in names for k, v in model.get_submodule(n).state_dict().items()]
+def same_state(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules hold the same parameters and buffers (names, shapes and values)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k])
+                                          for k in sa)
 
 
 def first_changed_segment(base: nn.Module, variant: nn.Module, segments: list[Segment]) -> int:
     """Index of the first segment whose parameters or buffers differ between the two models."""
     for i, (names, _) in enumerate(segments):
-        for (_, a), (_, b) in zip(_state_of(base, names), _state_of(variant, names)):
-            if a.shape != b.shape or not torch.equal(a, b):
-                return i
+        if not all(same_state(base.get_submodule(n), variant.get_submodule(n)) for n in names):
+            return i
     return len(segments) - 1

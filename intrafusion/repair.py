@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .evaluation import first_changed_segment, model_segments, run_hooked
+from .evaluation import first_changed_segment, model_segments, run_hooked, same_state
 from .fusion import FUSABLE_LAYERS
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -122,12 +122,6 @@ def execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     return list(dict.fromkeys(order))
 
 
-def _changed(a: nn.Module, b: nn.Module) -> bool:
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    return pa.keys() != pb.keys() or any(
-        pa[k].shape != pb[k].shape or not torch.equal(pa[k], pb[k]) for k in pa)
-
-
 def layers_to_repair(base_model: nn.Module, pruned_model: nn.Module, example_input: torch.Tensor,
                      exclude=()) -> list[str]:
     """The conv/linear layers of `pruned_model`, in execution order, from the first one whose
@@ -136,7 +130,7 @@ def layers_to_repair(base_model: nn.Module, pruned_model: nn.Module, example_inp
     order = execution_order(pruned_model, example_input)
     base = dict(base_model.named_modules())
     pruned = dict(pruned_model.named_modules())
-    first = next((i for i, n in enumerate(order) if _changed(base[n], pruned[n])), len(order))
+    first = next((i for i, n in enumerate(order) if not same_state(base[n], pruned[n])), len(order))
     excluded = set(exclude)
     return [n for n in order[first:] if n not in excluded]
 

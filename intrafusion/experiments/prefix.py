@@ -26,17 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..evaluation import Segment, first_changed_segment, model_segments  # noqa: F401 (re-exported)
+from ..evaluation import Segment, first_changed_segment, model_segments, same_state  # noqa: F401 (re-exported)
 from ..repair import execution_order
 
 METRICS = ("accuracy", "cross_entropy")  # means over the images; "predictions" gives them each
 MIX_TOLERANCE = 1e-5  # relative residual ‖A·W − W'‖ / ‖W'‖ up to which a layer counts as a mix
-
-
-def _same_state(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k])
-                                          for k in sa)
 
 
 def share_unchanged(base: nn.Module, variant: nn.Module) -> None:
@@ -243,7 +237,7 @@ class GridEvaluator:
             if not any(name == h or name.startswith(h + ".") for h in held):
                 continue
             a, b = base.get_submodule(name), model.get_submodule(name)
-            if not _same_state(a, b):
+            if not same_state(a, b):
                 rows = _rows(self.base.channel_map.get(name), variant.channel_map.get(name))
                 return Route(start, layer_map(name, a, b, rows))
         return Route(start)
