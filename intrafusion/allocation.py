@@ -427,15 +427,16 @@ def measure_profile(base: Pruner, prune, loss: HeldOutLoss, groups, ladder=LADDE
     profile: Profile = {}
     for g in groups:
         rungs, variants = [], []
-        for s in ladder:
-            try:
-                base.check_prunable(g, s)
-            except IntraFusionError:
-                continue
-            variant = base.copy()
-            prune(variant, {g: s})
-            rungs.append(s)
-            variants.append(loss.hold(variant))
+        with base.keeping_distances():
+            for s in ladder:
+                try:
+                    base.check_prunable(g, s)
+                except IntraFusionError:
+                    continue
+                variant = base.copy()
+                prune(variant, {g: s})
+                rungs.append(s)
+                variants.append(loss.hold(variant))
         profile[g] = [(s, value - loss.unpruned) for s, value in zip(rungs, loss.losses(variants))]
     return profile
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ from .folding import fold_all_batchnorms
 from .fusion import (FUSABLE_LAYERS, FUSION_RULES, channel_features, fuse_slots, fusion_maps,
                      group_slots, index_pruned_layers)
 from .importance import Scorer
-from .transport import MARGINALS, TARGETS, transport_map
+from .transport import MARGINALS, TARGETS, channel_distances, transport_map
 from .errors import IntraFusionError
 
 PRUNING = ("default", "intra_fusion")  # discard the pruned channels, or fuse them first
@@ -65,15 +66,23 @@ class FusionSettings:
             raise IntraFusionError(f"p must be positive, got {self.p}")
 
 
-def fuse_channels(slots, keep: torch.Tensor, scores: torch.Tensor, fusion: FusionSettings) -> None:
+def fuse_channels(slots, keep: torch.Tensor, scores: torch.Tensor, fusion: FusionSettings,
+                  distances: dict | None = None) -> None:
     """Fuse all n channels of a group's `slots` (fusion.group_slots) into the kept ones, in place:
     channel features -> transport map T (k, n) -> fusion maps of `fusion.rule` -> rows and columns
-    written at the kept positions. keep: (k,) kept indices; scores: (n,) importance (marginals)."""
+    written at the kept positions. keep: (k,) kept indices; scores: (n,) importance (marginals).
+    distances: a dict for this group's unpruned features, in which the (n, n) distances of
+    cost norm p are kept for the next fusion of the same features (transport.channel_distances)."""
     n = len(scores)
     target = fusion.target if len(keep) < n else "most_important"  # nothing to cluster
     features = channel_features(slots)
+    full = None
+    if distances is not None and target == "most_important":
+        full = distances.get(fusion.p)
+        if full is None:
+            full = distances[fusion.p] = channel_distances(features, fusion.p)
     T = transport_map(features, keep, scores, target, fusion.source_prob, fusion.target_prob,
-                      fusion.p, fusion.seed)
+                      fusion.p, fusion.seed, full)
     a_out, a_in = fusion_maps(T, fusion.rule, features)
     fuse_slots(slots, keep, a_out, a_in)
 
@@ -175,12 +184,14 @@ class Pruner:
         self.channel_map = {name: torch.arange(_out_channels(m)) for name, m in self._modules.items()
                             if isinstance(m, FUSABLE_LAYERS)}
         self.notices: set = set()  # (layer type, reason) already warned about; shared by copies
+        self.distances: dict | None = None  # see keeping_distances; shared by copies
 
     def copy(self) -> "Pruner":
         """An independent deep copy (model and graph) for pruning one variant."""
         # Shared, never copied: autograd nodes from tracing and the `ops` module (not copyable),
         # and torch-pruning's pruner objects (it compares their bound methods by identity).
-        memo = {id(self.graph.ops): self.graph.ops, id(self.notices): self.notices}
+        memo = {id(self.graph.ops): self.graph.ops, id(self.notices): self.notices,
+                id(self.distances): self.distances}
         for pruner in [*tp.pruner.function.PrunerBox.values(),
                        *self.graph.REGISTERED_PRUNERS.values(),
                        *self.graph.CUSTOMIZED_PRUNERS.values()]:
@@ -195,6 +206,19 @@ class Pruner:
             return copy.deepcopy(self, memo)
         finally:
             sys.setrecursionlimit(limit)
+
+    @contextmanager
+    def keeping_distances(self):
+        """Within the block, the pristine copies of this pruner keep each group's channel
+        distances (fuse_channels) for the next copy that fuses the group, at another sparsity:
+        one measurement per group instead of one per fusion (for grids and sensitivity
+        profiles; a single fusion would measure (n, n) instead of (n, k) for nothing)."""
+        kept = self.distances
+        self.distances = {} if kept is None else kept
+        try:
+            yield self
+        finally:
+            self.distances = kept
 
     def _notice(self, name: str, reason: str) -> None:
         """Warn once per (layer type, reason) across this pruner and its copies."""
@@ -280,7 +304,9 @@ class Pruner:
                 for name in record.index_pruned:
                     self._notice(name, "are not fused: their per-channel parameters are pruned by "
                                        "index while the group's conv/linear layers are fused")
-                fuse_channels(slots, keep, scores.cpu(), fusion)
+                shared = self.distances is not None and self.pristine
+                fuse_channels(slots, keep, scores.cpu(), fusion,
+                              self.distances.setdefault(index, {}) if shared else None)
                 record.fused = True
         if len(pruned):
             root = self._modules[self.groups[index].root]

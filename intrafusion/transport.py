@@ -50,35 +50,47 @@ def _marginal(kind: str, scores: torch.Tensor | None, size: int) -> np.ndarray:
     return np.full(size, 1.0 / size)
 
 
+def channel_distances(features: torch.Tensor, p: float = 1.0, columns: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """(n, n) p-norm distances between the L2-normalized rows of features (n, d), float32; only
+    the columns (k,) of `columns` if given, (n, k). A column does not depend on the others (each
+    entry is computed from its two rows alone), so `[:, keep]` of the full matrix is, to the bit,
+    the matrix of `columns=keep`."""
+    x = normalize_rows(features.detach().double()).float()
+    return torch.cdist(x, x if columns is None else x[columns], p=p)
+
+
 def transport_map(features: torch.Tensor, keep: torch.Tensor, scores: torch.Tensor | None = None,
                   target: str = "most_important", source_prob: str = "uniform",
-                  target_prob: str = "uniform", p: float = 1.0, seed: int = 0) -> torch.Tensor:
+                  target_prob: str = "uniform", p: float = 1.0, seed: int = 0,
+                  distances: torch.Tensor | None = None) -> torch.Tensor:
     """The map T (k, n) that fuses n channels into k.
 
     features: (n, d) group feature vectors of every channel, keep: (k,) indices of kept channels,
-    scores: (n,) importance. The exact OT plan between the source marginal over all channels and
-    the target marginal over the targets (the kept channels, or mixture centroids) under the
-    p-norm cost is transposed and each source column divided by its sum, so every channel's mass
-    is split among the targets with weights summing to one. Row j is the target written at kept
+    scores: (n,) importance; distances: channel_distances(features, p) when the caller keeps
+    them (fusing one group at several sparsities), used for the most_important target. The
+    exact OT plan between the source marginal over all channels and the target marginal over
+    the targets (the kept channels, or mixture centroids) under the p-norm cost is transposed
+    and each source column divided by its sum, so every channel's mass is split among the
+    targets with weights summing to one. Row j is the target written at kept
     position keep[j]: for mixture centroids, the rows are ordered by the assignment that gives
     each kept channel the centroid receiving most of its mass, so that downstream bookkeeping
     (which original channel a fused channel stands for, e.g. for repair) stays meaningful."""
     if target not in TARGETS:
         raise IntraFusionError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    x = normalize_rows(features.detach().double())
-    n, k = x.shape[0], len(keep)
+    n, k = features.shape[0], len(keep)
     if target == "most_important":
-        targets = x[keep]
+        cost = distances[:, keep] if distances is not None else channel_distances(features, p, keep)
         target_scores = scores[keep] if scores is not None else None
     else:
-        targets, weights = cluster_centroids(x, k, seed)
-        target_scores = weights
+        x = normalize_rows(features.detach().double())
+        centroids, target_scores = cluster_centroids(x, k, seed)
+        cost = torch.cdist(x.float(), centroids.float(), p=p)
     a = _marginal(source_prob, scores, n)
     b = _marginal(target_prob, target_scores, k)
     import ot  # imported here: it loads scikit-learn, seconds that runs without fusion don't need
 
-    cost = torch.cdist(x.float(), targets.float(), p=p).double().cpu().numpy()
-    plan = ot.emd(a, b, cost)
+    plan = ot.emd(a, b, cost.double().cpu().numpy())
     plan = torch.as_tensor(plan, dtype=torch.float64).T  # (k, n)
     plan = plan / plan.sum(dim=0, keepdim=True).clamp_min(1e-300)
     if target == "cluster_centroid":

@@ -130,7 +130,7 @@ def narrow_and_killed(tokens: Path, chunk: int, times: int) -> None:
     from intrafusion.experiments.grid import GridRun
     compute, count = GridRun.compute, itertools.count(1)
 
-    def dying(self, cells):
+    def dying(self, cells, *args):
         if next(count) == chunk:
             for i in range(times):
                 try:
@@ -138,7 +138,7 @@ def narrow_and_killed(tokens: Path, chunk: int, times: int) -> None:
                 except FileExistsError:
                     continue
                 os.kill(os.getpid(), signal.SIGKILL)
-        return compute(self, cells)
+        return compute(self, cells, *args)
 
     GridRun.compute = dying
 

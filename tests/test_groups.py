@@ -30,3 +30,24 @@ def test_classifier_is_never_a_group_and_numbering_is_stable():
     assert all("linear" not in g.layers for g in pruner.groups)
     assert [g.index for g in pruner.groups] == list(range(len(pruner.groups)))
     assert layers_of(pruner) == [{"b2", "short.0"}, {"b1"}, {"conv1", "a2"}, {"a1"}]
+
+
+def test_copies_keeping_distances_fuse_as_fresh_pruners_do():
+    """Within keeping_distances, a group fused at several sparsities measures its channel
+    distances once (kept on the shared dict) and every copy equals one pruned by itself."""
+    from intrafusion.importance import Scorer
+    torch.manual_seed(0)
+    model = build_model("vgg11_bn", 10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    base = Pruner(model, x)
+    with base.keeping_distances():
+        variants = {s: base.copy() for s in (0.3, 0.6)}
+        for s, v in variants.items():
+            v.prune_group(2, s, "intra_fusion", Scorer("l1"))
+        assert list(base.distances) == [2] and base.distances[2][1.0].shape == (512, 512)
+    assert base.distances is None
+    for s, v in variants.items():
+        alone = base.copy()
+        alone.prune_group(2, s, "intra_fusion", Scorer("l1"))
+        for (name, a), b in zip(v.model.state_dict().items(), alone.model.state_dict().values()):
+            assert torch.equal(a, b), name

@@ -13,6 +13,8 @@ from helpers import (ROOT, cells, failing_worker, narrow_and_killed, narrow_vggs
                      without_timing)
 from intrafusion.cli import main
 from intrafusion.experiments import parallel
+from intrafusion.experiments.grid import GridConfig, run_grid
+from intrafusion.experiments.prefix import shard_slice
 
 GRID = ["--group_idxs", "1", "3", "5", "7", "--sparsities", "0.3", "0.5", "0.7"]  # 12 chunks of 2 cells
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -64,6 +66,46 @@ def test_workers_write_the_serial_csv(grid_env, serial, workers_setup, tmp_path,
     assert_same_rows(rows, reference)
     printed = capsys.readouterr().out
     assert printed.count(" sparsity 0.") == 12  # one line per chunk, as it is recorded
+
+
+@pytest.mark.slow
+def test_workers_split_the_test_set_and_their_counts_add_up_to_the_serial_csv(grid_files, workers_setup,
+                                                                             narrow_vgg, tmp_path):
+    """With several evaluation batches (30 images in batches of 8), each of 2 workers evaluates
+    every cell on 2 of the 4 batches: the accuracies merged from their correct counts are the
+    serial run's exactly, the unpruned row's included."""
+    data, ckpt = grid_files
+
+    def run(name, workers, log):
+        config = GridConfig(dataset="cifar10", data_dir=str(data), checkpoint=ckpt, group_idxs=(1, 3),
+                            sparsities=(0.3, 0.7), eval_batch_size=8, workers=workers, out=tmp_path / name)
+        run_grid(config, log=log)
+        return read_rows(tmp_path / name)
+    logs = []
+    reference = run("serial.csv", 1, lambda _: None)
+    rows = run("workers.csv", 2, logs.append)
+    assert "l1     8 cells: each worker computes all of them on its part of the test set" in logs
+    assert rows[0]["method"] == "none"
+    assert len({r["accuracy"] for r in rows}) > 2  # the cells' accuracies differ: a real check
+    assert_same_rows(rows, reference)
+
+
+def test_shards_are_runs_of_whole_batches_that_cover_the_test_set():
+    for count, batch, shards in [(30, 8, 2), (10000, 1000, 2), (10000, 1000, 3), (5, 8, 1), (17, 4, 4)]:
+        parts = [shard_slice(count, batch, i, shards) for i in range(shards)]
+        assert [i for p in parts for i in range(count)[p]] == list(range(count))
+        assert all(p.start % batch == 0 for p in parts)
+        sizes = [len(range(count)[p]) for p in parts]
+        assert max(sizes) - min(sizes) <= batch
+    assert shard_slice(30, 8, 0, 2) == slice(0, 16) and shard_slice(30, 8, 1, 2) == slice(16, 30)
+
+
+def test_merged_shards_give_the_serial_mean_and_the_first_shards_row():
+    parts = [([{"accuracy": 7 / 16, "prune_seconds": 0.5, "params": 3}], 11 / 16, 16),
+             ([{"accuracy": 3 / 14, "prune_seconds": 0.7, "params": 3}], 13 / 14, 14)]
+    rows, base = parallel.merge_shards(parts)
+    assert rows == [{"accuracy": 10 / 30, "prune_seconds": 0.7, "params": 3}]
+    assert base == 24 / 30
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@ import ot
 import pytest
 import torch
 
-from intrafusion.transport import cluster_centroids, normalize_rows, transport_map
+from intrafusion.transport import channel_distances, cluster_centroids, normalize_rows, transport_map
 
 
 def features(n=12, d=5, seed=0):
@@ -87,3 +87,15 @@ def test_zero_features_and_ties_do_not_produce_nan():
                       target_prob="importance")
     assert torch.isfinite(T).all()
     torch.testing.assert_close(T.sum(0), torch.ones(6))
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 0.5])
+def test_kept_distances_give_the_map_of_measuring_again_to_the_bit(p):
+    """The (n, n) distances kept for a group give each sparsity's columns, and its map, exactly."""
+    x = features(300, 700)
+    full = channel_distances(x, p)
+    assert full.shape == (300, 300) and full.dtype == torch.float32
+    for k in (210, 150, 90):
+        keep = torch.randperm(300, generator=torch.Generator().manual_seed(k))[:k].sort().values
+        assert torch.equal(full[:, keep], channel_distances(x, p, keep))
+        assert torch.equal(transport_map(x, keep, p=p, distances=full), transport_map(x, keep, p=p))

@@ -33,7 +33,7 @@ from ..repair import RepairInputs, reference_statistics, repair_pruned
 from .checkpoints import default_checkpoint, ensure_unzipped, model_from_state, read_checkpoint
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .parallel import open_pool, split_lines
-from .prefix import GridEvaluator, own_storage, share_unchanged
+from .prefix import GridEvaluator, own_storage, shard_slice, share_unchanged
 from .report import FT, budget_table, finetune_table, summary_table
 from .results import CsvLog, cell_key, previous_rows
 from ..storage import check_writable, file_digest
@@ -54,6 +54,7 @@ class GridConfig:
     device: str = "cpu"
     calibration_batches: int = 5
     batch_size: int = 128
+    eval_batch_size: int = 1000  # test images per evaluation batch (and the unit of --workers' shards)
     out: Path | None = None
     fast: bool = True           # False: the naive path, every shortcut off (bench/grid_speed.py)
     cache_mb: float = 2048      # memory bound of the pruned variants evaluated together (chunks)
@@ -134,6 +135,7 @@ def validate(config: GridConfig) -> None:
                                ("--repair-batches", config.repair_batches, 0),
                                ("--finetune-epochs", config.finetune_epochs, 0),
                                ("batch_size", config.batch_size, 1),
+                               ("eval_batch_size", config.eval_batch_size, 1),
                                ("calibration_batches", config.calibration_batches, 1))
     check_positive("--finetune-lr", config.finetune_lr)
     if config.repair_batches < 1 and any(m.repair for m in methods):
@@ -219,9 +221,10 @@ class GridRun:
     """One run of the grid: the base network, data, evaluator and shared measurements, the rows
     already known (earlier runs' and this one's) and the CSV writers."""
 
-    def __init__(self, config: GridConfig, log=tqdm.write, output: bool = True):
+    def __init__(self, config: GridConfig, log=tqdm.write, output: bool = True, pool=None):
         """`output=False` (a worker process, parallel.py): the output CSVs are neither checked
-        nor read, and nothing is known to be done."""
+        nor read, and nothing is known to be done. `pool`: an open parallel.open_pool that
+        computes the cells (None: this process does)."""
         validate(config)
         self.config, self.log = config, log
         self.paths = {c: config.output_path(c) for c in _unique(config.criteria)}
@@ -234,7 +237,11 @@ class GridRun:
         self.done = {cell_key(r): r for rows in self.previous.values() for r in rows}
         self.dataset, (test_x, test_y), self.base, _, rebuild = prepare(config, checkpoint)
         self.new_variant = self.base.copy if config.fast else rebuild
-        self.evaluator = GridEvaluator(self.base, test_x, test_y, fast=config.fast)
+        if config.fast:  # a group is fused at several sparsities: its channel distances once
+            self.base.distances = {}
+        self.evaluator = GridEvaluator(self.base, test_x, test_y, config.fast, config.eval_batch_size)
+        self._shards: dict[tuple[int, int], GridEvaluator] = {}
+        self._base_accuracy: float | None = None  # the pool's, when workers evaluated the cells
         self.groups = _unique(config.group_idxs)
         self.example = test_x[:1].to(config.device)
         self.base_macs = count_macs_params(self.base.model, self.example)[0]
@@ -246,7 +253,7 @@ class GridRun:
         self._cost = None
         self._group_bytes: dict[int, int] = {}
         self.unrecorded: set[str] = set()  # criteria whose 'none' row is still to be recorded
-        self.pool = None  # parallel.open_pool's, while `run` runs
+        self.pool = pool
 
     def cells(self) -> list[tuple]:
         """(criterion, group, sparsity, method, ""), or with budgets the budget cells over all
@@ -265,8 +272,26 @@ class GridRun:
 
     @property
     def base_accuracy(self) -> float:
-        """The unpruned test accuracy, from the evaluator's first pass."""
-        return self.evaluator.base_accuracy
+        """The unpruned test accuracy: from the workers' passes, or from this evaluator's first."""
+        return self._base_accuracy if self._base_accuracy is not None else self.evaluator.base_accuracy
+
+    def evaluator_of(self, shard: tuple[int, int] | None) -> GridEvaluator:
+        """The evaluator of the whole test set (None), or of its part `shard` (i, n): the i-th
+        of n runs of whole evaluation batches, whose correct counts add up to the whole's."""
+        if shard is None:
+            return self.evaluator
+        if shard not in self._shards:
+            e = self.evaluator
+            part = shard_slice(len(e.labels), e.batch_size, *shard)
+            self._shards[shard] = GridEvaluator(self.base, e.images[part], e.labels[part], self.config.fast,
+                                                e.batch_size)
+        return self._shards[shard]
+
+    @property
+    def shardable(self) -> bool:
+        """Whether local workers may split the test set instead of the cells: plain cells only
+        (budget cells' profiles and fine-tuning are work each worker would repeat whole)."""
+        return not self.config.budgets and not self.config.finetune_epochs
 
     def record(self, row: dict) -> dict:
         """Write a new row (a known cell keeps its earlier row); add it to the results. A
@@ -399,13 +424,14 @@ class GridRun:
                  device=torch.device(c.device), on_epoch=on_epoch)
         return rows
 
-    def compute(self, cells: list[tuple]) -> list[dict]:
+    def compute(self, cells: list[tuple], shard: tuple[int, int] | None = None) -> list[dict]:
         """The rows of `cells` (see `cells`), each followed by its fine-tuning rows, in cell
         order; nothing is written. The one place where cells are computed: the serial driver
         calls it on chunks of pending cells, a worker process on the cells it is sent. All cells
-        are pruned first, then evaluated together in one pass over the test set."""
+        are pruned first, then evaluated together in one pass over the test set, or over its
+        part `shard` (`evaluator_of`; no fine-tuning then)."""
         pruned = [self.prune_cell(self.scorer(cell[0]), cell) for cell in cells]
-        accuracies = self.evaluator.evaluate([variant for _, variant in pruned])
+        accuracies = self.evaluator_of(shard).evaluate([variant for _, variant in pruned])
         rows = []
         for accuracy_ in accuracies:
             row, variant = pruned.pop(0)  # let go once done: a fine-tuned variant owns all its tensors
@@ -444,23 +470,31 @@ class GridRun:
         return chunks
 
     def run_criterion(self, criterion: str, bar) -> None:
-        """Every cell of one criterion: the unpruned row, then the pending cells chunk by chunk,
-        computed here or by the pool's workers (in the order they finish), each chunk's rows
-        recorded as soon as it is computed, one log line per chunk."""
-        self.unrecorded.add(criterion)  # its 'none' row goes with the first row, from the same pass
-        if self.pool:  # this process evaluates no cell: the row from a pass of its own, first
-            self.record_unpruned(criterion)
+        """Every cell of one criterion: the pending cells chunk by chunk, computed here or by the
+        pool's workers (in the order they finish), each chunk's rows recorded as soon as it is
+        computed (after the unpruned row, whose accuracy comes from the same pass), one log line
+        per chunk. Local workers split the test set of every chunk among them when the cells
+        allow it (`shardable`), so the unpruned network runs once per image as in a serial run;
+        otherwise, and on Ray, each worker computes a part of the cells."""
+        self.unrecorded.add(criterion)
         cells = [c for c in self.cells() if c[0] == criterion]
         for cell in cells:
             if self.finished(cell):
                 self.replay(cell)
         pending = [c for c in cells if not self.finished(c)]
-        if self.pool:  # one part per worker: each worker runs the unpruned network as rarely as it can
-            parts = split_lines(pending, self.pool.parallelism)
-            computed = self.pool.results([c for part in parts for c in self.chunks(part)])
+        if self.pool:
+            batches = -(-len(self.evaluator.labels) // self.evaluator.batch_size)
+            shards = min(self.pool.shards, batches) if self.shardable else 1
+            if pending:
+                self.log(f"{criterion:6s} {len(pending)} cells: each worker computes "
+                         + ("all of them on its part of the test set" if shards > 1 else "its part of them"))
+            parts = [pending] if shards > 1 else split_lines(pending, self.pool.parallelism)
+            computed = self.pool.results([c for part in parts for c in self.chunks(part)], shards)
         else:
-            computed = ((c, self.compute(c)) for c in self.chunks(pending))
-        for chunk, rows in computed:
+            computed = ((c, self.compute(c), None) for c in self.chunks(pending))
+        for chunk, rows, base_accuracy in computed:
+            if self._base_accuracy is None:
+                self._base_accuracy = base_accuracy
             for row in rows:
                 self.record(row)
             bar.update(len(chunk))
@@ -482,7 +516,6 @@ class GridRun:
         self.log(f"{self.config.model_name} on {self.config.dataset}: {len(self.base.groups)} groups"
                  + (f"; resuming, {finished} of {len(cells)} cells done" if finished else ""))
         with ExitStack() as stack:
-            self.pool = stack.enter_context(open_pool(self.config, self.log))  # a Ray cluster is reached first
             self.logs = {p: stack.enter_context(CsvLog(p, fresh=not self.previous[p]))
                          for p in self.previous}
             bar = stack.enter_context(tqdm(total=len(cells), initial=finished, disable=not progress,
@@ -506,5 +539,9 @@ class GridRun:
 
 def run_grid(config: GridConfig, log=tqdm.write, progress: bool = False) -> dict[str, list[dict]]:
     """Run every criterion × group × sparsity × method cell not yet in its output CSV; return
-    the grid's rows (earlier and new) per output file. `progress` shows a bar on stderr."""
-    return GridRun(config, log).run(progress)
+    the grid's rows (earlier and new) per output file. `progress` shows a bar on stderr. The
+    pool of `--workers` or `--ray-address` opens first: a Ray cluster is reached before anything
+    is loaded, and local workers load their copies while this process loads its own."""
+    validate(config)
+    with open_pool(config, log) as pool:
+        return GridRun(config, log, pool=pool).run(progress)

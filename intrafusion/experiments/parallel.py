@@ -1,8 +1,8 @@
 """Grid cells computed in other processes: `--workers N` local processes, or Ray tasks on a cluster
-(`--ray-address`). A worker only computes (GridRun.compute on the chunks it is sent, with its own
-copy of the data, checkpoint and traced graph); the driver records each chunk's rows as they
-arrive, so the CSV, resuming and the comparability checks are the serial run's, and a crash loses
-only the chunks in flight."""
+(`--ray-address`). A worker only computes (GridRun.compute on the chunks it is sent, or on its
+shard of their test batches, with its own copy of the data, checkpoint and traced graph); the
+driver records each chunk's rows as they arrive, so the CSV, resuming and the comparability checks
+are the serial run's, and a crash loses only the chunks in flight."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,16 +32,40 @@ RETRIES = 3  # Ray: retries of a task whose worker died; local: pools broken in 
 _cached: tuple | None = None  # (config, GridRun) of this worker process
 
 
-def worker_compute(config, cells: list[tuple], setup: Callable[[], None] | None = None) -> list[dict]:
-    """Worker side: the rows of `cells` (GridRun.compute), with this process's GridRun for
-    `config`, loaded by its first task (after `setup`) and kept for the next ones."""
+def worker_compute(config, cells: list[tuple], setup: Callable[[], None] | None = None,
+                   shard: tuple[int, int] | None = None) -> tuple[list[dict], float, int]:
+    """Worker side: the rows of `cells` (GridRun.compute) on the test batches of `shard` (i, n)
+    (None: all), the unpruned accuracy on them and their number of images, with this process's
+    GridRun for `config`, loaded by its first task (after `setup`) and kept for the next ones."""
+    run = worker_load(config, setup)
+    rows = run.compute(cells, shard)
+    evaluator = run.evaluator_of(shard)
+    return rows, evaluator.base_accuracy, len(evaluator.labels)
+
+
+def worker_load(config, setup: Callable[[], None] | None = None):
+    """This process's GridRun for `config`: loaded (after `setup`) by the first call, then kept."""
     global _cached
     if _cached is None or _cached[0] != config:
         from .grid import GridRun
         if setup is not None:
             setup()
         _cached = (config, GridRun(config, output=False))
-    return _cached[1].compute(cells)
+    return _cached[1]
+
+
+def merge_shards(parts: list[tuple[list[dict], float, int]]) -> tuple[list[dict], float]:
+    """One chunk's rows and the unpruned accuracy from its shards' (rows, unpruned accuracy,
+    images): each accuracy is the shards' correct images summed over all images, the serial
+    run's number exactly; the rest of a row is the first shard's (prune_seconds the longest)."""
+    total = sum(n for *_, n in parts)
+
+    def merged(accuracies) -> float:
+        return sum(round(a * n) for a, (*_, n) in zip(accuracies, parts)) / max(total, 1)
+    rows = [dict(row, accuracy=merged([p[0][k]["accuracy"] for p in parts]),
+                 prune_seconds=max(p[0][k]["prune_seconds"] for p in parts))
+            for k, row in enumerate(parts[0][0])]
+    return rows, merged([base for _, base, _ in parts])
 
 
 def _start_local_worker(threads: int, driver: int) -> None:
@@ -75,35 +99,54 @@ class LocalPool:
         """How many chunks are computed at once."""
         return self.workers
 
+    @property
+    def shards(self) -> int:
+        """Into how many parts a chunk's test batches may be split, one per worker."""
+        return self.workers
+
     def _executor(self) -> ProcessPoolExecutor:
         if self.executor is None:
             self.executor = ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"),
                                                 _start_local_worker, (self.threads, os.getpid()))
         return self.executor
 
-    def results(self, chunks: Iterable[list[tuple]]) -> Iterator[tuple[list[tuple], list[dict]]]:
-        """(chunk, its rows) for every chunk, in the order they finish."""
-        left = dict(enumerate(chunks))
+    def results(self, chunks: Iterable[list[tuple]], shards: int = 1
+                ) -> Iterator[tuple[list[tuple], list[dict], float]]:
+        """(chunk, its rows, the unpruned accuracy) for every chunk, in the order they finish;
+        with shards > 1 each chunk is `shards` tasks, one per part of the test batches."""
+        chunks = list(chunks)
+        left = {(i, s): chunk for i, chunk in enumerate(chunks) for s in range(shards)}
+        parts: dict[int, dict[int, tuple]] = {}
         broken = 0
         while left:
-            futures = {self._executor().submit(worker_compute, self.config, chunk, self.setup): i
-                       for i, chunk in left.items()}
-            died = False
+            try:
+                futures = {self._executor().submit(worker_compute, self.config, chunk, self.setup,
+                                                   (s, shards) if shards > 1 else None): (i, s)
+                           for (i, s), chunk in left.items()}
+                died = False
+            except BrokenProcessPool:  # a worker died while idle, or while it loaded (__enter__)
+                futures, died = {}, True
             for future in as_completed(futures):
                 if isinstance(future.exception(), BrokenProcessPool):
                     died = True
                     continue
-                yield left.pop(futures[future]), future.result()
+                i, s = futures[future]
+                del left[i, s]
+                parts.setdefault(i, {})[s] = future.result()
                 broken = 0
+                if len(parts[i]) == shards:
+                    done = parts.pop(i)
+                    yield chunks[i], *merge_shards([done[k] for k in range(shards)])
             if died:
+                unfinished = len({i for i, _ in left})
                 self.close(kill=True)
                 broken += 1
                 if broken == RETRIES:
                     raise IntraFusionError(
                         f"a worker process died {RETRIES} times in a row (killed, or out of memory?) "
-                        f"with {len(left)} chunks of cells left; the finished rows are saved, rerun "
+                        f"with {unfinished} chunks of cells left; the finished rows are saved, rerun "
                         "the same command to resume (with fewer --workers if memory is short)")
-                self.log(f"a worker process died (killed, or out of memory?); the {len(left)} "
+                self.log(f"a worker process died (killed, or out of memory?); the {unfinished} "
                          "unfinished chunks of cells go to new processes")
 
     def close(self, kill: bool = False) -> None:
@@ -116,6 +159,10 @@ class LocalPool:
             self.executor = None
 
     def __enter__(self):
+        """Start the workers loading the grid (worker_load) now, while the driver loads its own
+        copy; a failure there is met again, and reported, by the worker's first chunk."""
+        for _ in range(self.workers):
+            self._executor().submit(worker_load, self.config, self.setup)
         return self
 
     def __exit__(self, kind, *_):
@@ -136,6 +183,8 @@ class RayPool:
         self.connected = False
         self.pending: dict = {}  # ObjectRef: chunk, of the tasks not yet recorded
 
+    shards = 1  # a task computes whole cells: the cluster's nodes need not share a test set
+
     @property
     def parallelism(self) -> int:
         """How many chunks the cluster computes at once: its CPUs, or its GPUs' share."""
@@ -146,15 +195,17 @@ class RayPool:
             tasks = min(tasks, resources.get("GPU", 0) / self.gpus)
         return max(1, int(tasks))
 
-    def results(self, chunks: Iterable[list[tuple]]) -> Iterator[tuple[list[tuple], list[dict]]]:
-        """(chunk, its rows) for every chunk, in the order they finish."""
+    def results(self, chunks: Iterable[list[tuple]], shards: int = 1
+                ) -> Iterator[tuple[list[tuple], list[dict], float]]:
+        """(chunk, its rows, the unpruned accuracy) for every chunk, in the order they finish
+        (`shards` is always 1 here)."""
         import ray
         self.pending = {self.task.remote(self.config, chunk, self.setup): chunk for chunk in chunks}
         while self.pending:
             (ref,), _ = ray.wait(list(self.pending), num_returns=1)
             chunk = self.pending.pop(ref)
             try:
-                rows = ray.get(ref)
+                rows, base_accuracy, _ = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:  # the cells' own error, e.g. an IntraFusionError
                 raise exc.cause from None
             except ray.exceptions.RayError as exc:
@@ -162,7 +213,7 @@ class RayPool:
                     f"Ray could not compute {chunk[0][:3]} after {RETRIES} retries "
                     f"({str(exc).splitlines()[0]}); the finished rows are saved, rerun the "
                     "same command to resume") from exc
-            yield chunk, rows
+            yield chunk, rows, base_accuracy
 
     def __enter__(self):
         """Connect (before the driver computes anything) and define the task."""

@@ -169,6 +169,14 @@ def _total(parts: list, metric: str, count: int):
     return torch.cat(parts) if metric == "predictions" else sum(parts) / max(count, 1)
 
 
+def shard_slice(count: int, batch_size: int, index: int, shards: int) -> slice:
+    """The images of part `index` of `shards`: a run of whole batches of `batch_size` (so that
+    every image sits in the batch it has in a whole pass), the batches split as evenly as they go."""
+    batches = -(-count // batch_size)
+    start, stop = (batches * index) // shards, (batches * (index + 1)) // shards
+    return slice(start * batch_size, min(stop * batch_size, count))
+
+
 class GridEvaluator:
     """Accuracy (or mean cross-entropy) of pruned copies of `base` (a Pruner) on test tensors
     (N, 3, H, W), (N,), in batches of `batch_size`.
