@@ -123,14 +123,14 @@ def use_narrow_vggs() -> None:
 
 
 def narrow_and_killed(tokens: Path, chunk: int, times: int) -> None:
-    """use_narrow_vggs(), and a worker process starting its `chunk`-th chunk kills itself with
-    SIGKILL while one of `times` token files in the folder `tokens` is left to claim: a worker
-    dying mid-grid, deterministically (`times` deaths in all)."""
+    """use_narrow_vggs(), and a worker process starting to evaluate its `chunk`-th chunk (or
+    shard of one) kills itself with SIGKILL while one of `times` token files in the folder
+    `tokens` is left to claim: a worker dying mid-grid, deterministically (`times` deaths in all)."""
     use_narrow_vggs()
-    from intrafusion.experiments.grid import GridRun
-    compute, count = GridRun.compute, itertools.count(1)
+    from intrafusion.experiments.prefix import GridEvaluator
+    evaluate, count = GridEvaluator.evaluate, itertools.count(1)
 
-    def dying(self, cells, *args):
+    def dying(self, *args, **kwargs):
         if next(count) == chunk:
             for i in range(times):
                 try:
@@ -138,9 +138,9 @@ def narrow_and_killed(tokens: Path, chunk: int, times: int) -> None:
                 except FileExistsError:
                     continue
                 os.kill(os.getpid(), signal.SIGKILL)
-        return compute(self, cells, *args)
+        return evaluate(self, *args, **kwargs)
 
-    GridRun.compute = dying
+    GridEvaluator.evaluate = dying
 
 
 def calibrated_model(name: str, data_dir: Path, classes: int = 10, seed: int = 0) -> nn.Module:

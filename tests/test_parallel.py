@@ -1,6 +1,7 @@
 """Cells computed away from the driver (experiments/parallel.py): `--workers N` local processes and
 Ray tasks write the serial run's CSV (row order and prune_seconds aside), a worker killed mid-grid
 loses nothing, and the flags' mistakes are one line. The CUDA variants run where a GPU is."""
+import copy
 import functools
 import importlib.util
 import json
@@ -84,7 +85,7 @@ def test_workers_split_the_test_set_and_their_counts_add_up_to_the_serial_csv(gr
     logs = []
     reference = run("serial.csv", 1, lambda _: None)
     rows = run("workers.csv", 2, logs.append)
-    assert "l1     8 cells: each worker computes all of them on its part of the test set" in logs
+    assert "l1     8 cells: pruned here, each worker evaluates them all on its part of the test set" in logs
     assert rows[0]["method"] == "none"
     assert len({r["accuracy"] for r in rows}) > 2  # the cells' accuracies differ: a real check
     assert_same_rows(rows, reference)
@@ -100,12 +101,35 @@ def test_shards_are_runs_of_whole_batches_that_cover_the_test_set():
     assert shard_slice(30, 8, 0, 2) == slice(0, 16) and shard_slice(30, 8, 1, 2) == slice(16, 30)
 
 
-def test_merged_shards_give_the_serial_mean_and_the_first_shards_row():
-    parts = [([{"accuracy": 7 / 16, "prune_seconds": 0.5, "params": 3}], 11 / 16, 16),
-             ([{"accuracy": 3 / 14, "prune_seconds": 0.7, "params": 3}], 13 / 14, 14)]
-    rows, base = parallel.merge_shards(parts)
-    assert rows == [{"accuracy": 10 / 30, "prune_seconds": 0.7, "params": 3}]
-    assert base == 24 / 30
+def test_merged_shards_give_the_serial_mean():
+    parts = [([7 / 16, 1 / 16], 11 / 16, 16), ([3 / 14, 0.0], 13 / 14, 14)]
+    assert parallel.merge_shards(parts) == ([10 / 30, 1 / 30], 24 / 30)
+
+
+def test_packed_variants_carry_only_what_pruning_changed(narrow_vgg):
+    """A variant sharing its unchanged tensors with the base travels as those it changed; the
+    receiver's copy of the base supplies the rest, and the variant computes as before."""
+    from intrafusion.groups import Pruner
+    from intrafusion.importance import Scorer
+    from intrafusion.models import build_model
+    from intrafusion.experiments.prefix import share_unchanged
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    base = Pruner(build_model("vgg11_bn", 10).eval(), x[:1])
+    variant = base.copy()
+    variant.prune_group(1, 0.5, "intra_fusion", Scorer("l1"))
+    share_unchanged(base.model, variant.model)
+    payload = parallel.pack_variants(base.model, [variant])
+    changed = sum(t.numel() * t.element_size() for n, t in variant.model.state_dict().items()
+                  if not torch.equal(t, base.model.state_dict()[n]) or t.shape != base.model.state_dict()[n].shape)
+    total = sum(t.numel() * t.element_size() for t in variant.model.state_dict().values())
+    assert changed <= len(payload) < changed + 0.1 * total
+    receiver = Pruner(copy.deepcopy(base.model), x[:1])  # another process's base: equal, not the same
+    (got,) = parallel.unpack_variants(receiver.model, payload)
+    assert got.model.features[0].weight is receiver.model.features[0].weight
+    assert got.channel_map.keys() == variant.channel_map.keys()
+    with torch.inference_mode():
+        assert torch.equal(got.model(x), variant.model(x))
 
 
 @pytest.mark.slow

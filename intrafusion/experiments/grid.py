@@ -275,11 +275,10 @@ class GridRun:
         """The unpruned test accuracy: from the workers' passes, or from this evaluator's first."""
         return self._base_accuracy if self._base_accuracy is not None else self.evaluator.base_accuracy
 
-    def evaluator_of(self, shard: tuple[int, int] | None) -> GridEvaluator:
-        """The evaluator of the whole test set (None), or of its part `shard` (i, n): the i-th
-        of n runs of whole evaluation batches, whose correct counts add up to the whole's."""
-        if shard is None:
-            return self.evaluator
+    def evaluator_of(self, shard: tuple[int, int]) -> GridEvaluator:
+        """The evaluator of the part `shard` (i, n) of the test set: the i-th of n runs of whole
+        evaluation batches, whose correct counts add up to the whole's (a worker's part,
+        parallel.worker_evaluate)."""
         if shard not in self._shards:
             e = self.evaluator
             part = shard_slice(len(e.labels), e.batch_size, *shard)
@@ -289,8 +288,8 @@ class GridRun:
 
     @property
     def shardable(self) -> bool:
-        """Whether local workers may split the test set instead of the cells: plain cells only
-        (budget cells' profiles and fine-tuning are work each worker would repeat whole)."""
+        """Whether local workers may split the test set instead of the cells: plain cells
+        (budget cells' profiles, repairs and fine-tuning are work better split by cells)."""
         return not self.config.budgets and not self.config.finetune_epochs
 
     def record(self, row: dict) -> dict:
@@ -424,14 +423,14 @@ class GridRun:
                  device=torch.device(c.device), on_epoch=on_epoch)
         return rows
 
-    def compute(self, cells: list[tuple], shard: tuple[int, int] | None = None) -> list[dict]:
+    def compute(self, cells: list[tuple], evaluate=None) -> list[dict]:
         """The rows of `cells` (see `cells`), each followed by its fine-tuning rows, in cell
         order; nothing is written. The one place where cells are computed: the serial driver
         calls it on chunks of pending cells, a worker process on the cells it is sent. All cells
-        are pruned first, then evaluated together in one pass over the test set, or over its
-        part `shard` (`evaluator_of`; no fine-tuning then)."""
+        are pruned first, then evaluated together in one pass over the test set, by this
+        process's evaluator or by `evaluate` (variants -> accuracies: the workers' shards)."""
         pruned = [self.prune_cell(self.scorer(cell[0]), cell) for cell in cells]
-        accuracies = self.evaluator_of(shard).evaluate([variant for _, variant in pruned])
+        accuracies = (evaluate or self.evaluator.evaluate)([variant for _, variant in pruned])
         rows = []
         for accuracy_ in accuracies:
             row, variant = pruned.pop(0)  # let go once done: a fine-tuned variant owns all its tensors
@@ -482,14 +481,20 @@ class GridRun:
             if self.finished(cell):
                 self.replay(cell)
         pending = [c for c in cells if not self.finished(c)]
-        if self.pool:
-            batches = -(-len(self.evaluator.labels) // self.evaluator.batch_size)
-            shards = min(self.pool.shards, batches) if self.shardable else 1
-            if pending:
-                self.log(f"{criterion:6s} {len(pending)} cells: each worker computes "
-                         + ("all of them on its part of the test set" if shards > 1 else "its part of them"))
-            parts = [pending] if shards > 1 else split_lines(pending, self.pool.parallelism)
-            computed = self.pool.results([c for part in parts for c in self.chunks(part)], shards)
+        batches = -(-len(self.evaluator.labels) // self.evaluator.batch_size)
+        shards = min(self.pool.shards, batches) if self.pool and self.shardable else 1
+        if self.pool and pending:
+            self.log(f"{criterion:6s} {len(pending)} cells: " + (
+                "pruned here, each worker evaluates them all on its part of the test set" if shards > 1
+                else "each worker computes its part of them"))
+        if shards > 1:
+            def evaluate(variants):
+                accuracies, self._base_accuracy = self.pool.evaluate(self.base.model, variants, shards)
+                return accuracies
+            computed = ((c, self.compute(c, evaluate), None) for c in self.chunks(pending))
+        elif self.pool:
+            parts = split_lines(pending, self.pool.parallelism)
+            computed = self.pool.results([c for part in parts for c in self.chunks(part)])
         else:
             computed = ((c, self.compute(c), None) for c in self.chunks(pending))
         for chunk, rows, base_accuracy in computed:

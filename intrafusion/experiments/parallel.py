@@ -6,19 +6,23 @@ are the serial run's, and a crash loses only the chunks in flight."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
+from types import SimpleNamespace
 from typing import Callable, Iterable, Iterator
 
 import torch
+from torch import nn
 
 from ..errors import IntraFusionError
 
@@ -32,15 +36,22 @@ RETRIES = 3  # Ray: retries of a task whose worker died; local: pools broken in 
 _cached: tuple | None = None  # (config, GridRun) of this worker process
 
 
-def worker_compute(config, cells: list[tuple], setup: Callable[[], None] | None = None,
-                   shard: tuple[int, int] | None = None) -> tuple[list[dict], float, int]:
-    """Worker side: the rows of `cells` (GridRun.compute) on the test batches of `shard` (i, n)
-    (None: all), the unpruned accuracy on them and their number of images, with this process's
-    GridRun for `config`, loaded by its first task (after `setup`) and kept for the next ones."""
+def worker_compute(config, cells: list[tuple], setup: Callable[[], None] | None = None
+                   ) -> tuple[list[dict], float]:
+    """Worker side: the rows of `cells` (GridRun.compute) and the unpruned accuracy, with this
+    process's GridRun for `config` (worker_load)."""
     run = worker_load(config, setup)
-    rows = run.compute(cells, shard)
+    return run.compute(cells), run.base_accuracy
+
+
+def worker_evaluate(config, payload: bytes, setup: Callable[[], None] | None,
+                    shard: tuple[int, int]) -> tuple[list[float], float, int]:
+    """Worker side: the accuracies of the variants in `payload` (pack_variants) and of the
+    unpruned network on the test batches of `shard` (i, n), and their number of images."""
+    run = worker_load(config, setup)
     evaluator = run.evaluator_of(shard)
-    return rows, evaluator.base_accuracy, len(evaluator.labels)
+    accuracies = evaluator.evaluate(unpack_variants(run.base.model, payload))
+    return accuracies, evaluator.base_accuracy, len(evaluator.labels)
 
 
 def worker_load(config, setup: Callable[[], None] | None = None):
@@ -54,18 +65,48 @@ def worker_load(config, setup: Callable[[], None] | None = None):
     return _cached[1]
 
 
-def merge_shards(parts: list[tuple[list[dict], float, int]]) -> tuple[list[dict], float]:
-    """One chunk's rows and the unpruned accuracy from its shards' (rows, unpruned accuracy,
-    images): each accuracy is the shards' correct images summed over all images, the serial
-    run's number exactly; the rest of a row is the first shard's (prune_seconds the longest)."""
+def _base_tensors(base: nn.Module) -> dict:
+    return {(t.data_ptr(), t.shape, t.dtype): name for name, t in base.state_dict(keep_vars=True).items()
+            if t.numel()}
+
+
+def pack_variants(base: nn.Module, variants) -> bytes:
+    """Pruned variants (Pruners) of `base` as bytes: their models and channel maps, pickled with
+    every tensor that uses base's storage (prefix.share_unchanged) named instead of copied, so
+    that only what pruning changed travels; unpack_variants takes the named ones from the
+    receiver's copy of base (the same checkpoint, folded the same way)."""
+    named = _base_tensors(base)
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, torch.Tensor) and obj.numel():
+                return named.get((obj.data_ptr(), obj.shape, obj.dtype))
+            return None
+    buffer = io.BytesIO()
+    Pickler(buffer, pickle.HIGHEST_PROTOCOL).dump([(v.model, v.channel_map) for v in variants])
+    return buffer.getvalue()
+
+
+def unpack_variants(base: nn.Module, payload: bytes) -> list[SimpleNamespace]:
+    """The variants of pack_variants, each with `model` and `channel_map` (what the evaluator
+    uses), sharing base's tensors where the sender's shared its base's."""
+    state = base.state_dict(keep_vars=True)
+
+    class Unpickler(pickle.Unpickler):
+        def persistent_load(self, name):
+            return state[name]
+    return [SimpleNamespace(model=m, channel_map=c) for m, c in Unpickler(io.BytesIO(payload)).load()]
+
+
+def merge_shards(parts: list[tuple[list[float], float, int]]) -> tuple[list[float], float]:
+    """The accuracies of the variants and of the unpruned network on the whole test set from
+    their shards' (accuracies, unpruned accuracy, images): correct images summed over all the
+    images, the serial run's numbers exactly."""
     total = sum(n for *_, n in parts)
 
-    def merged(accuracies) -> float:
-        return sum(round(a * n) for a, (*_, n) in zip(accuracies, parts)) / max(total, 1)
-    rows = [dict(row, accuracy=merged([p[0][k]["accuracy"] for p in parts]),
-                 prune_seconds=max(p[0][k]["prune_seconds"] for p in parts))
-            for k, row in enumerate(parts[0][0])]
-    return rows, merged([base for _, base, _ in parts])
+    def merged(values) -> float:
+        return sum(round(a * n) for a, (*_, n) in zip(values, parts)) / max(total, 1)
+    return [merged(column) for column in zip(*(p[0] for p in parts))], merged([p[1] for p in parts])
 
 
 def _start_local_worker(threads: int, driver: int) -> None:
@@ -101,7 +142,7 @@ class LocalPool:
 
     @property
     def shards(self) -> int:
-        """Into how many parts a chunk's test batches may be split, one per worker."""
+        """Into how many parts the test batches may be split (`evaluate`), one per worker."""
         return self.workers
 
     def _executor(self) -> ProcessPoolExecutor:
@@ -110,19 +151,29 @@ class LocalPool:
                                                 _start_local_worker, (self.threads, os.getpid()))
         return self.executor
 
-    def results(self, chunks: Iterable[list[tuple]], shards: int = 1
-                ) -> Iterator[tuple[list[tuple], list[dict], float]]:
-        """(chunk, its rows, the unpruned accuracy) for every chunk, in the order they finish;
-        with shards > 1 each chunk is `shards` tasks, one per part of the test batches."""
+    def results(self, chunks: Iterable[list[tuple]]) -> Iterator[tuple[list[tuple], list[dict], float]]:
+        """(chunk, its rows, the unpruned accuracy) for every chunk, in the order they finish."""
         chunks = list(chunks)
-        left = {(i, s): chunk for i, chunk in enumerate(chunks) for s in range(shards)}
-        parts: dict[int, dict[int, tuple]] = {}
+        tasks = {i: (worker_compute, self.config, chunk, self.setup) for i, chunk in enumerate(chunks)}
+        for i, (rows, base_accuracy) in self._run(tasks):
+            yield chunks[i], rows, base_accuracy
+
+    def evaluate(self, base: nn.Module, variants, shards: int) -> tuple[list[float], float]:
+        """The accuracies of `variants` (pruned copies of base, sharing its unchanged tensors)
+        and of base on the test set, each of `shards` workers evaluating all of them on its
+        part of the test batches (worker_evaluate); merged exactly (merge_shards)."""
+        payload = pack_variants(base, variants)
+        tasks = {s: (worker_evaluate, self.config, payload, self.setup, (s, shards)) for s in range(shards)}
+        parts = dict(self._run(tasks))
+        return merge_shards([parts[s] for s in range(shards)])
+
+    def _run(self, tasks: dict) -> Iterator[tuple]:
+        """(key, result) of every task {key: (function, *args)}, in the order they finish."""
+        left = dict(tasks)
         broken = 0
         while left:
             try:
-                futures = {self._executor().submit(worker_compute, self.config, chunk, self.setup,
-                                                   (s, shards) if shards > 1 else None): (i, s)
-                           for (i, s), chunk in left.items()}
+                futures = {self._executor().submit(*task): key for key, task in left.items()}
                 died = False
             except BrokenProcessPool:  # a worker died while idle, or while it loaded (__enter__)
                 futures, died = {}, True
@@ -130,24 +181,20 @@ class LocalPool:
                 if isinstance(future.exception(), BrokenProcessPool):
                     died = True
                     continue
-                i, s = futures[future]
-                del left[i, s]
-                parts.setdefault(i, {})[s] = future.result()
+                key = futures[future]
+                del left[key]
+                yield key, future.result()
                 broken = 0
-                if len(parts[i]) == shards:
-                    done = parts.pop(i)
-                    yield chunks[i], *merge_shards([done[k] for k in range(shards)])
             if died:
-                unfinished = len({i for i, _ in left})
                 self.close(kill=True)
                 broken += 1
                 if broken == RETRIES:
                     raise IntraFusionError(
                         f"a worker process died {RETRIES} times in a row (killed, or out of memory?) "
-                        f"with {unfinished} chunks of cells left; the finished rows are saved, rerun "
+                        f"with {len(left)} tasks left; the finished rows are saved, rerun "
                         "the same command to resume (with fewer --workers if memory is short)")
-                self.log(f"a worker process died (killed, or out of memory?); the {unfinished} "
-                         "unfinished chunks of cells go to new processes")
+                self.log(f"a worker process died (killed, or out of memory?); the {len(left)} "
+                         "unfinished tasks go to new processes")
 
     def close(self, kill: bool = False) -> None:
         """Stop the workers: once idle, or at once with `kill` (Ctrl-C, an error, a broken pool)."""
@@ -195,17 +242,15 @@ class RayPool:
             tasks = min(tasks, resources.get("GPU", 0) / self.gpus)
         return max(1, int(tasks))
 
-    def results(self, chunks: Iterable[list[tuple]], shards: int = 1
-                ) -> Iterator[tuple[list[tuple], list[dict], float]]:
-        """(chunk, its rows, the unpruned accuracy) for every chunk, in the order they finish
-        (`shards` is always 1 here)."""
+    def results(self, chunks: Iterable[list[tuple]]) -> Iterator[tuple[list[tuple], list[dict], float]]:
+        """(chunk, its rows, the unpruned accuracy) for every chunk, in the order they finish."""
         import ray
         self.pending = {self.task.remote(self.config, chunk, self.setup): chunk for chunk in chunks}
         while self.pending:
             (ref,), _ = ray.wait(list(self.pending), num_returns=1)
             chunk = self.pending.pop(ref)
             try:
-                rows, base_accuracy, _ = ray.get(ref)
+                rows, base_accuracy = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:  # the cells' own error, e.g. an IntraFusionError
                 raise exc.cause from None
             except ray.exceptions.RayError as exc:
