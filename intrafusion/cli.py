@@ -115,14 +115,16 @@ def _grid_arguments(p: argparse.ArgumentParser) -> None:
                    help="fine-tune every pruned network this many epochs ('+ft' rows per epoch)")
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--naive", action="store_true",
-                   help="turn every shortcut off: retrace per cell, no cached gradients, every "
+                   help="turn every shortcut off: retrace per cell, no cached gradients or channel "
+                        "distances, every "
                         "variant's whole forward pass by itself (for benchmarks; same results up "
                         "to float rounding in fused cells)")
     p.add_argument("--cache-mb", type=float, default=2048,
                    help="memory bound (MiB) of the pruned variants evaluated together in one pass "
                         "(chunks of cells; 0: one line of the log per chunk)")
     p.add_argument("--workers", type=int, default=1,
-                   help="compute cells in this many local processes (each with its share of the cores)")
+                   help="compute in this many local processes, each with its share of the cores: "
+                        "they split the test set (plain cells) or the cells (budgets, fine-tuning)")
     p.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="compute cells as Ray tasks on this cluster ('auto': the one started on "
                         'this machine); needs pip install "intrafusion[ray]"')
