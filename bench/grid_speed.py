@@ -41,6 +41,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from intrafusion.experiments.allocator import release_large_buffers  # noqa: E402
 from intrafusion.experiments.checkpoints import default_checkpoint, ensure_unzipped, model_from_state, read_checkpoint  # noqa: E402
 from intrafusion.experiments.data import load_dataset  # noqa: E402
 from intrafusion.experiments.grid import calibration_batches  # noqa: E402
@@ -134,6 +135,7 @@ def child(spec: dict) -> dict:
     """Run one path in this process; its timings, peak memory, accuracies and predictions."""
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
+    release_large_buffers()  # as the CLI does, for both paths
     dataset = load_dataset(spec["dataset"], spec["data_dir"])
     images, labels = dataset.test_tensors(spec["limit"])
     batches = calibration_batches(dataset, 5, 128)

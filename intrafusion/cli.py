@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .errors import IntraFusionError
+from .experiments.allocator import release_large_buffers
 
 
 def resolve_device(gpu_id: int) -> torch.device:
@@ -294,6 +295,7 @@ def package_parser() -> argparse.ArgumentParser:
 def _execute(argv, name: str | None = None, prog: str | None = None) -> int:
     """Parse `argv` for the command `name` (None: argv's first word names it) and run it. Mistakes
     are one line `error: …` on stderr and exit code 2; Ctrl-C says that finished work is kept."""
+    release_large_buffers()
     try:
         if name is None:
             args = package_parser().parse_args(argv)
