@@ -1,8 +1,9 @@
 """Grid cells computed in other processes: `--workers N` local processes, or Ray tasks on a cluster
-(`--ray-address`). A worker only computes (GridRun.compute on the chunks it is sent, or on its
-shard of their test batches, with its own copy of the data, checkpoint and traced graph); the
-driver records each chunk's rows as they arrive, so the CSV, resuming and the comparability checks
-are the serial run's, and a crash loses only the chunks in flight."""
+(`--ray-address`). A worker only computes, with its own copy of the data, checkpoint and traced
+graph: whole chunks of cells (GridRun.compute), or, for local workers and plain cells, the
+accuracies of variants the driver pruned on its shard of the test batches (LocalPool.evaluate).
+The driver records each chunk's rows as they arrive, so the CSV, resuming and the comparability
+checks are the serial run's, and a crash loses only the chunks in flight."""
 from __future__ import annotations
 
 import dataclasses
@@ -128,10 +129,10 @@ def _exit_without(driver: int) -> None:
 
 class LocalPool:
     """`workers` spawned processes with cores/workers torch threads each (N workers use the cores
-    one process would), started on first use. When one dies (killed, out of memory), the pool is
-    replaced and the unfinished chunks are sent again; after RETRIES broken pools in a row with no
-    chunk finished in between, the run stops with an IntraFusionError (the finished rows are
-    written: a rerun resumes)."""
+    one process would), started when the pool opens. When one dies (killed, out of memory), the
+    pool is replaced and the unfinished tasks are sent again; after RETRIES broken pools in a row
+    with no task finished in between, the run stops with an IntraFusionError (the finished rows
+    are written: a rerun resumes)."""
 
     def __init__(self, config, workers: int, setup: Callable[[], None] | None, log=print):
         self.config, self.workers, self.setup, self.log = config, workers, setup, log
