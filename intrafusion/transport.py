@@ -72,10 +72,10 @@ def transport_map(features: torch.Tensor, keep: torch.Tensor, scores: torch.Tens
     exact OT plan between the source marginal over all channels and the target marginal over
     the targets (the kept channels, or mixture centroids) under the p-norm cost is transposed
     and each source column divided by its sum, so every channel's mass is split among the
-    targets with weights summing to one. Row j is the target written at kept
-    position keep[j]: for mixture centroids, the rows are ordered by the assignment that gives
-    each kept channel the centroid receiving most of its mass, so that downstream bookkeeping
-    (which original channel a fused channel stands for, e.g. for repair) stays meaningful."""
+    targets with weights summing to one. Row j is the target written at kept position keep[j]:
+    for mixture centroids, the rows are ordered by the assignment that gives each kept channel
+    the centroid receiving most of its mass, so that downstream bookkeeping (which original
+    channel a fused channel stands for, e.g. for repair) stays meaningful."""
     if target not in TARGETS:
         raise IntraFusionError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     n, k = features.shape[0], len(keep)

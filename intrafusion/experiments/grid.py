@@ -481,8 +481,9 @@ class GridRun:
             if self.finished(cell):
                 self.replay(cell)
         pending = [c for c in cells if not self.finished(c)]
-        batches = -(-len(self.evaluator.labels) // self.evaluator.batch_size)
-        shards = min(self.pool.shards, batches) if self.pool and self.shardable else 1
+        shards = 1
+        if self.pool and self.shardable:  # a shard is at least one evaluation batch
+            shards = min(self.pool.shards, -(-len(self.evaluator.labels) // self.evaluator.batch_size))
         if self.pool and pending:
             self.log(f"{criterion:6s} {len(pending)} cells: " + (
                 "pruned here, each worker evaluates them all on its part of the test set" if shards > 1

@@ -61,7 +61,7 @@ def worker_load(config, setup: Callable[[], None] | None = None):
     global _cached
     if _cached is None or _cached[0] != config:
         from .grid import GridRun
-        release_large_buffers()  # a Ray worker's first task (a local worker's start did it too)
+        release_large_buffers()  # as the CLI does in the driver
         if setup is not None:
             setup()
         _cached = (config, GridRun(config, output=False))
@@ -116,7 +116,6 @@ def _start_local_worker(threads: int, driver: int) -> None:
     """A local worker's start: its share of the cores, Ctrl-C left to the driver, and an exit
     when the driver is gone (killed with -9, it cannot stop its workers)."""
     torch.set_num_threads(threads)
-    release_large_buffers()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_without, args=(driver,), daemon=True).start()
 
