@@ -7,7 +7,7 @@ many test images the two paths predict differently.
 
 Fast path (as `GridRun.compute` does it for a chunk): the graph is traced once per model, every
 cell prunes a copy that shares its unchanged tensors with the base, Taylor gradients are measured
-once, and all cells are evaluated together in one data-major pass (experiments/prefix.py), which
+once, and all cells are evaluated together in one data-major pass (evaluator.py), which
 also gives the unpruned accuracy. Naive path, timed as for the README's table: every cell reloads,
 refolds and retraces the network, re-measures gradients and runs the whole network on the test
 set; the unpruned accuracy, which main.py's naive path measures with a pass of its own, is left
@@ -45,7 +45,7 @@ from intrafusion.experiments.allocator import release_large_buffers  # noqa: E40
 from intrafusion.experiments.checkpoints import default_checkpoint, ensure_unzipped, model_from_state, read_checkpoint  # noqa: E402
 from intrafusion.experiments.data import load_dataset  # noqa: E402
 from intrafusion.experiments.grid import calibration_batches  # noqa: E402
-from intrafusion.experiments.prefix import GridEvaluator, model_segments, share_unchanged  # noqa: E402
+from intrafusion.evaluator import GridEvaluator, model_segments, share_unchanged  # noqa: E402
 from intrafusion.groups import Pruner  # noqa: E402
 from intrafusion.importance import Scorer  # noqa: E402
 from intrafusion.models import build_model  # noqa: E402

@@ -40,21 +40,25 @@ class _Parser(argparse.ArgumentParser):
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     from .experiments.data import DATASET_NAMES
     from .models import MODEL_NAMES
-    p.add_argument("--model-name", default="vgg11_bn", choices=MODEL_NAMES)
-    p.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES)
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gpu_id", type=int, default=-1)
-    p.add_argument("--out", default=None,
-                   help="checkpoint path (default models/<dataset>/<model>.checkpoint, "
-                        "models/<model>.checkpoint for cifar10)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    model = p.add_argument_group("model")
+    model.add_argument("--model-name", default="vgg11_bn", choices=MODEL_NAMES)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES)
+    data.add_argument("--data-dir", default="data")
+    data.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    training = p.add_argument_group("training")
+    training.add_argument("--epochs", type=int, default=5)
+    training.add_argument("--batch-size", type=int, default=128)
+    training.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
+    training.add_argument("--momentum", type=float, default=0.9)
+    training.add_argument("--weight-decay", type=float, default=5e-4)
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
+    output = p.add_argument_group("output")
+    output.add_argument("--out", default=None,
+                        help="checkpoint path (default models/<dataset>/<model>.checkpoint, "
+                             "models/<model>.checkpoint for cifar10)")
+    output.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -83,71 +87,78 @@ def _grid_arguments(p: argparse.ArgumentParser) -> None:
     from .importance import CRITERIA
     from .methods import METHOD_NAMES
     from .transport import MARGINALS, TARGETS
-    p.add_argument("--model-name", default="vgg11_bn", help="model architecture (e.g. vgg11_bn, resnet18)")
-    p.add_argument("--group_idxs", type=group_index, nargs="*", default=[1, 2, 3],
-                   help="groups to prune, each on its own, counted from the output (0 = last "
-                        "prunable group); 'all' prunes every group together")
-    p.add_argument("--sparsities", type=float, nargs="*", default=[0.3, 0.4, 0.5, 0.6, 0.7])
-    p.add_argument("--importance_criteria", nargs="+", default=["l1"], metavar="CRITERION",
-                   help=f"one or more of {', '.join(CRITERIA)}")
-    p.add_argument("--source_prob", default="uniform", help=f"source marginal: {', '.join(MARGINALS)}")
-    p.add_argument("--target_prob", default="uniform", help=f"target marginal: {', '.join(MARGINALS)}")
-    p.add_argument("--p", type=float, default=1.0, help="p of the p-norm ground cost")
-    p.add_argument("--target", default="most_important", help=f"OT targets: {', '.join(TARGETS)}")
-    p.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
-    p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASET_NAMES)}")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--checkpoint", default=None,
-                   help="default models/<model>.checkpoint (cifar10), models/<dataset>/<model>.checkpoint")
-    p.add_argument("--fusion-rule", default="fork", help=f"one of {', '.join(FUSION_RULES)}")
-    p.add_argument("--methods", nargs="+", default=["default", "intra_fusion"],
-                   help=f"any of {', '.join(METHOD_NAMES)}")
-    p.add_argument("--out", default=None, help="CSV path (default results/<model>_<dataset>_<criterion>.csv)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                   help="skip cells already in the CSV (default: on when it exists with this "
-                        "version's columns); --no-resume refuses a CSV that holds rows")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start the CSV over, even when its rows were computed with other settings")
-    p.add_argument("--plot", action="store_true", help="draw the CSV into a PNG beside it")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--repair-batches", type=int, default=10,
-                   help="unlabeled training batches (of 128) for the *_repair methods")
-    p.add_argument("--finetune-epochs", type=int, default=0,
-                   help="fine-tune every pruned network this many epochs ('+ft' rows per epoch)")
-    p.add_argument("--finetune-lr", type=float, default=0.01)
-    p.add_argument("--naive", action="store_true",
-                   help="turn every shortcut off: retrace per cell, no cached gradients or channel "
-                        "distances, every "
-                        "variant's whole forward pass by itself (for benchmarks; same results up "
-                        "to float rounding in fused cells)")
-    p.add_argument("--cache-mb", type=float, default=2048,
-                   help="memory bound (MiB) of the pruned variants evaluated together in one pass "
-                        "(chunks of cells; 0: one line of the log per chunk)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="compute in this many local processes, each with its share of the cores: "
-                        "they split the test set (plain cells) or the cells (budgets, fine-tuning)")
-    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
-                   help="compute cells as Ray tasks on this cluster ('auto': the one started on "
-                        'this machine); needs pip install "intrafusion[ray]"')
-    p.add_argument("--gpus-per-worker", type=float, default=0,
-                   help="GPUs each Ray task asks for (0: the tasks compute on the CPU)")
+    what = p.add_argument_group("what to prune")
+    what.add_argument("--model-name", default="vgg11_bn", help="model architecture (e.g. vgg11_bn, resnet18)")
+    what.add_argument("--checkpoint", default=None,
+                      help="default models/<model>.checkpoint (cifar10), models/<dataset>/<model>.checkpoint")
+    what.add_argument("--group_idxs", type=group_index, nargs="*", default=[1, 2, 3],
+                      help="groups to prune, each on its own, counted from the output (0 = last "
+                           "prunable group); 'all' prunes every group together")
+    what.add_argument("--sparsities", type=float, nargs="*", default=[0.3, 0.4, 0.5, 0.6, 0.7])
     _budget_arguments(p, many=True, allocation="uniform")
+    method = p.add_argument_group("method")
+    method.add_argument("--methods", nargs="+", default=["default", "intra_fusion"],
+                        help=f"any of {', '.join(METHOD_NAMES)}")
+    method.add_argument("--importance_criteria", nargs="+", default=["l1"], metavar="CRITERION",
+                        help=f"one or more of {', '.join(CRITERIA)}")
+    method.add_argument("--source_prob", default="uniform", help=f"source marginal: {', '.join(MARGINALS)}")
+    method.add_argument("--target_prob", default="uniform", help=f"target marginal: {', '.join(MARGINALS)}")
+    method.add_argument("--p", type=float, default=1.0, help="p of the p-norm ground cost")
+    method.add_argument("--target", default="most_important", help=f"OT targets: {', '.join(TARGETS)}")
+    method.add_argument("--fusion-rule", default="fork", help=f"one of {', '.join(FUSION_RULES)}")
+    method.add_argument("--finetune-epochs", type=int, default=0,
+                        help="fine-tune every pruned network this many epochs ('+ft' rows per epoch)")
+    method.add_argument("--finetune-lr", type=float, default=0.01)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASET_NAMES)}")
+    data.add_argument("--data-dir", default="data")
+    data.add_argument("--repair-batches", type=int, default=10,
+                      help="unlabeled training batches (of 128) for the *_repair methods")
+    output = p.add_argument_group("output")
+    output.add_argument("--out", default=None, help="CSV path (default results/<model>_<dataset>_<criterion>.csv)")
+    output.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                        help="skip cells already in the CSV (default: on when it exists with this "
+                             "version's columns); --no-resume refuses a CSV that holds rows")
+    output.add_argument("--overwrite", action="store_true",
+                        help="start the CSV over, even when its rows were computed with other settings")
+    output.add_argument("--plot", action="store_true", help="draw the CSV into a PNG beside it")
+    output.add_argument("--quiet", action="store_true", help="no progress bar")
+    run = p.add_argument_group("where and how it runs")
+    run.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
+    run.add_argument("--naive", action="store_true",
+                     help="turn every shortcut off: retrace per cell, no cached gradients or channel "
+                          "distances, every variant's whole forward pass by itself (for benchmarks; "
+                          "same results up to float rounding in fused cells)")
+    run.add_argument("--cache-mb", type=float, default=2048,
+                     help="memory bound (MiB) of the pruned variants evaluated together in one pass "
+                          "(chunks of cells; 0: one line of the log per chunk)")
+    run.add_argument("--workers", type=int, default=1,
+                     help="compute in this many local processes, each with its share of the cores: "
+                          "they split the test set (plain cells) or the cells (budgets, fine-tuning)")
+    run.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="compute cells as Ray tasks on this cluster ('auto': the one started on "
+                          'this machine); needs pip install "intrafusion[ray]"')
+    run.add_argument("--gpus-per-worker", type=float, default=0,
+                     help="GPUs each Ray task asks for (0: the tasks compute on the CPU)")
 
 
-def _budget_arguments(p: argparse.ArgumentParser, many: bool, allocation: str) -> None:
-    """--macs / --params (one value, or with `many` a list of budget cells) and the allocation."""
+def _budget_arguments(p: argparse.ArgumentParser, many: bool, allocation: str):
+    """The "budget" group: --macs / --params (one value, or with `many` a list of budget cells),
+    the allocation and the sensitivity profile's held-out images and cache."""
     from .allocation import ALLOCATIONS
     nargs = "+" if many else None
-    p.add_argument("--macs", type=float, nargs=nargs, default=None,
-                   help="fraction of the unpruned MACs to keep (all groups, per-group sparsities)")
-    p.add_argument("--params", type=float, nargs=nargs, default=None,
-                   help="fraction of the unpruned parameters to keep")
-    p.add_argument("--allocation", nargs=nargs, default=[allocation] if many else allocation,
-                   help=f"how the budget is shared among groups: {', '.join(ALLOCATIONS)}")
-    p.add_argument("--held-out", type=int, default=1000,
-                   help="held-out training images (disjoint from calibration) for --allocation sensitivity")
-    p.add_argument("--profile-cache", default=None,
-                   help="JSON of measured sensitivity profiles (default results/profiles.json)")
+    budget = p.add_argument_group("budget")
+    budget.add_argument("--macs", type=float, nargs=nargs, default=None,
+                        help="fraction of the unpruned MACs to keep (all groups, per-group sparsities)")
+    budget.add_argument("--params", type=float, nargs=nargs, default=None,
+                        help="fraction of the unpruned parameters to keep")
+    budget.add_argument("--allocation", nargs=nargs, default=[allocation] if many else allocation,
+                        help=f"how the budget is shared among groups: {', '.join(ALLOCATIONS)}")
+    budget.add_argument("--held-out", type=int, default=1000,
+                        help="held-out training images (disjoint from calibration) for --allocation sensitivity")
+    budget.add_argument("--profile-cache", default=None,
+                        help="JSON of measured sensitivity profiles (default results/profiles.json)")
+    return budget
 
 
 def _grid(args: argparse.Namespace) -> int:
@@ -195,26 +206,31 @@ def _compress_arguments(p: argparse.ArgumentParser) -> None:
     from .importance import CRITERIA
     from .methods import METHOD_NAMES
     from .models import MODEL_NAMES
-    p.add_argument("--model-name", required=True, help=f"one of {', '.join(MODEL_NAMES)}")
-    p.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASET_NAMES)}")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--checkpoint", default=None,
-                   help="default models/<model>.checkpoint (cifar10), models/<dataset>/<model>.checkpoint")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction of each group's channels to prune")
-    _budget_arguments(p, many=False, allocation="sensitivity")
-    p.add_argument("--method", default="intra_fusion_repair", help=f"one of {', '.join(METHOD_NAMES)}")
-    p.add_argument("--criterion", default="l1", help=f"one of {', '.join(CRITERIA)}")
-    p.add_argument("--calibration-batches", type=int, default=10,
-                   help="training batches of 128 for repair and the criteria that need data")
-    p.add_argument("--finetune-epochs", type=int, default=0)
-    p.add_argument("--finetune-lr", type=float, default=0.01)
-    p.add_argument("--round-to", type=int, default=None, help="keep every group's width a multiple of this")
-    p.add_argument("--iterative", action="store_true",
-                   help="sensitivity: re-measure every group on the current plan after each step (slow)")
-    p.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
-    p.add_argument("--out", required=True, help="the compressed model (its report: the same name, .json)")
-    p.add_argument("--onnx", default=None, metavar="PATH",
-                   help="also write the compressed model as an ONNX file (any batch size)")
+    what = p.add_argument_group("what to prune")
+    what.add_argument("--model-name", required=True, help=f"one of {', '.join(MODEL_NAMES)}")
+    what.add_argument("--checkpoint", default=None,
+                      help="default models/<model>.checkpoint (cifar10), models/<dataset>/<model>.checkpoint")
+    what.add_argument("--sparsity", type=float, default=None, help="fraction of each group's channels to prune")
+    what.add_argument("--round-to", type=int, default=None, help="keep every group's width a multiple of this")
+    budget = _budget_arguments(p, many=False, allocation="sensitivity")
+    budget.add_argument("--iterative", action="store_true",
+                        help="sensitivity: re-measure every group on the current plan after each step (slow)")
+    method = p.add_argument_group("method")
+    method.add_argument("--method", default="intra_fusion_repair", help=f"one of {', '.join(METHOD_NAMES)}")
+    method.add_argument("--criterion", default="l1", help=f"one of {', '.join(CRITERIA)}")
+    method.add_argument("--finetune-epochs", type=int, default=0)
+    method.add_argument("--finetune-lr", type=float, default=0.01)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASET_NAMES)}")
+    data.add_argument("--data-dir", default="data")
+    data.add_argument("--calibration-batches", type=int, default=10,
+                      help="training batches of 128 for repair and the criteria that need data")
+    output = p.add_argument_group("output")
+    output.add_argument("--out", required=True, help="the compressed model (its report: the same name, .json)")
+    output.add_argument("--onnx", default=None, metavar="PATH",
+                        help="also write the compressed model as an ONNX file (any batch size)")
+    run = p.add_argument_group("where it runs")
+    run.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -233,11 +249,15 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a compressed model written by `intrafusion compress`")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--json", action="store_true", help="one JSON object: accuracy, params, macs")
-    p.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
+    what = p.add_argument_group("what to evaluate")
+    what.add_argument("model", help="a compressed model written by `intrafusion compress`")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", required=True)
+    data.add_argument("--data-dir", default="data")
+    output = p.add_argument_group("output")
+    output.add_argument("--json", action="store_true", help="one JSON object: accuracy, params, macs")
+    run = p.add_argument_group("where it runs")
+    run.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -127,7 +127,7 @@ def narrow_and_killed(tokens: Path, chunk: int, times: int) -> None:
     shard of one) kills itself with SIGKILL while one of `times` token files in the folder
     `tokens` is left to claim: a worker dying mid-grid, deterministically (`times` deaths in all)."""
     use_narrow_vggs()
-    from intrafusion.experiments.prefix import GridEvaluator
+    from intrafusion.evaluator import GridEvaluator
     evaluate, count = GridEvaluator.evaluate, itertools.count(1)
 
     def dying(self, *args, **kwargs):

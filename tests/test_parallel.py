@@ -15,7 +15,7 @@ from helpers import (ROOT, cells, failing_worker, narrow_and_killed, narrow_vggs
 from intrafusion.cli import main
 from intrafusion.experiments import parallel
 from intrafusion.experiments.grid import GridConfig, run_grid
-from intrafusion.experiments.prefix import shard_slice
+from intrafusion.evaluator import shard_slice
 
 GRID = ["--group_idxs", "1", "3", "5", "7", "--sparsities", "0.3", "0.5", "0.7"]  # 12 chunks of 2 cells
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -112,7 +112,7 @@ def test_packed_variants_carry_only_what_pruning_changed(narrow_vgg):
     from intrafusion.groups import Pruner
     from intrafusion.importance import Scorer
     from intrafusion.models import build_model
-    from intrafusion.experiments.prefix import share_unchanged
+    from intrafusion.evaluator import share_unchanged
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32)
     base = Pruner(build_model("vgg11_bn", 10).eval(), x[:1])

@@ -1,7 +1,7 @@
 """The paper's experiment grid: default pruning vs Intra-Fusion per group, sparsity and criterion.
 
 Every cell prunes a fresh copy of the folded network (the graph is traced once) and evaluates it
-on the whole test set, together with the other cells of its chunk (one pass, experiments/prefix.py);
+on the whole test set, together with the other cells of its chunk (one pass, evaluator.py);
 each chunk's results are appended to the CSV as soon as they are known. A rerun
 continues the CSV: cells already in it are skipped, as long as they were computed with the same
 checkpoint, data and fusion settings.
@@ -33,7 +33,7 @@ from ..repair import RepairInputs, reference_statistics, repair_pruned
 from .checkpoints import default_checkpoint, ensure_unzipped, model_from_state, read_checkpoint
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .parallel import open_pool, split_lines
-from .prefix import GridEvaluator, own_storage, shard_slice, share_unchanged
+from ..evaluator import GridEvaluator, own_storage, shard_slice, share_unchanged
 from .report import FT, budget_table, finetune_table, summary_table
 from .results import CsvLog, cell_key, previous_rows
 from ..storage import check_writable, file_digest
@@ -549,5 +549,10 @@ def run_grid(config: GridConfig, log=tqdm.write, progress: bool = False) -> dict
     pool of `--workers` or `--ray-address` opens first: a Ray cluster is reached before anything
     is loaded, and local workers load their copies while this process loads its own."""
     validate(config)
-    with open_pool(config, log) as pool:
+    with open_pool(config, load_run, log) as pool:
         return GridRun(config, log, pool=pool).run(progress)
+
+
+def load_run(config: GridConfig) -> GridRun:
+    """A worker's GridRun of `config` (parallel.worker_load): computes, writes nothing."""
+    return GridRun(config, output=False)

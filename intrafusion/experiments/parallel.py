@@ -38,33 +38,34 @@ RETRIES = 3  # Ray: retries of a task whose worker died; local: pools broken in 
 _cached: tuple | None = None  # (config, GridRun) of this worker process
 
 
-def worker_compute(config, cells: list[tuple], setup: Callable[[], None] | None = None
+def worker_compute(config, cells: list[tuple], load: Callable, setup: Callable[[], None] | None = None
                    ) -> tuple[list[dict], float]:
-    """Worker side: the rows of `cells` (GridRun.compute) and the unpruned accuracy, with this
-    process's GridRun for `config` (worker_load)."""
-    run = worker_load(config, setup)
+    """Worker side: the rows of `cells` (run.compute) and the unpruned accuracy, with this
+    process's run of `config` (worker_load)."""
+    run = worker_load(config, load, setup)
     return run.compute(cells), run.base_accuracy
 
 
-def worker_evaluate(config, payload: bytes, setup: Callable[[], None] | None,
+def worker_evaluate(config, payload: bytes, load: Callable, setup: Callable[[], None] | None,
                     shard: tuple[int, int]) -> tuple[list[float], float, int]:
     """Worker side: the accuracies of the variants in `payload` (pack_variants) and of the
     unpruned network on the test batches of `shard` (i, n), and their number of images."""
-    run = worker_load(config, setup)
+    run = worker_load(config, load, setup)
     evaluator = run.evaluator_of(shard)
     accuracies = evaluator.evaluate(unpack_variants(run.base.model, payload))
     return accuracies, evaluator.base_accuracy, len(evaluator.labels)
 
 
-def worker_load(config, setup: Callable[[], None] | None = None):
-    """This process's GridRun for `config`: loaded (after `setup`) by the first call, then kept."""
+def worker_load(config, load: Callable, setup: Callable[[], None] | None = None):
+    """This process's run of `config`, load(config) (a module-level function, e.g. grid.load_run:
+    an object with compute(cells), base_accuracy, evaluator_of(shard) and base): made (after
+    `setup`) by the first call, then kept."""
     global _cached
     if _cached is None or _cached[0] != config:
-        from .grid import GridRun
         release_large_buffers()  # as the CLI does in the driver
         if setup is not None:
             setup()
-        _cached = (config, GridRun(config, output=False))
+        _cached = (config, load(config))
     return _cached[1]
 
 
@@ -75,7 +76,7 @@ def _base_tensors(base: nn.Module) -> dict:
 
 def pack_variants(base: nn.Module, variants) -> bytes:
     """Pruned variants (Pruners) of `base` as bytes: their models and channel maps, pickled with
-    every tensor that uses base's storage (prefix.share_unchanged) named instead of copied, so
+    every tensor that uses base's storage (evaluator.share_unchanged) named instead of copied, so
     that only what pruning changed travels; unpack_variants takes the named ones from the
     receiver's copy of base (the same checkpoint, folded the same way)."""
     named = _base_tensors(base)
@@ -133,8 +134,8 @@ class LocalPool:
     with no task finished in between, the run stops with an IntraFusionError (the finished rows
     are written: a rerun resumes)."""
 
-    def __init__(self, config, workers: int, setup: Callable[[], None] | None, log=print):
-        self.config, self.workers, self.setup, self.log = config, workers, setup, log
+    def __init__(self, config, load: Callable, workers: int, setup: Callable[[], None] | None, log=print):
+        self.config, self.load, self.workers, self.setup, self.log = config, load, workers, setup, log
         self.threads = max(1, torch.get_num_threads() // workers)
         self.executor: ProcessPoolExecutor | None = None
 
@@ -157,7 +158,7 @@ class LocalPool:
     def results(self, chunks: Iterable[list[tuple]]) -> Iterator[tuple[list[tuple], list[dict], float]]:
         """(chunk, its rows, the unpruned accuracy) for every chunk, in the order they finish."""
         chunks = list(chunks)
-        tasks = {i: (worker_compute, self.config, chunk, self.setup) for i, chunk in enumerate(chunks)}
+        tasks = {i: (worker_compute, self.config, chunk, self.load, self.setup) for i, chunk in enumerate(chunks)}
         for i, (rows, base_accuracy) in self._run(tasks):
             yield chunks[i], rows, base_accuracy
 
@@ -166,7 +167,7 @@ class LocalPool:
         and of base on the test set, each of `shards` workers evaluating all of them on its
         part of the test batches (worker_evaluate); merged exactly (merge_shards)."""
         payload = pack_variants(base, variants)
-        tasks = {s: (worker_evaluate, self.config, payload, self.setup, (s, shards)) for s in range(shards)}
+        tasks = {s: (worker_evaluate, self.config, payload, self.load, self.setup, (s, shards)) for s in range(shards)}
         parts = dict(self._run(tasks))
         return merge_shards([parts[s] for s in range(shards)])
 
@@ -212,7 +213,7 @@ class LocalPool:
         """Start the workers loading the grid (worker_load) now, while the driver loads its own
         copy; a failure there is met again, and reported, by the worker's first chunk."""
         for _ in range(self.workers):
-            self._executor().submit(worker_load, self.config, self.setup)
+            self._executor().submit(worker_load, self.config, self.load, self.setup)
         return self
 
     def __exit__(self, kind, *_):
@@ -226,8 +227,9 @@ class RayPool:
     A task whose worker dies is run again, up to RETRIES times. Every node needs intrafusion
     installed and the data and checkpoint at the driver's paths."""
 
-    def __init__(self, config, address: str, gpus: float, setup: Callable[[], None] | None):
+    def __init__(self, config, load: Callable, address: str, gpus: float, setup: Callable[[], None] | None):
         self.config = dataclasses.replace(config, device="cuda" if gpus else "cpu")
+        self.load = load
         self.address, self.gpus, self.setup = address, gpus, setup
         self.task = None
         self.connected = False
@@ -248,7 +250,7 @@ class RayPool:
     def results(self, chunks: Iterable[list[tuple]]) -> Iterator[tuple[list[tuple], list[dict], float]]:
         """(chunk, its rows, the unpruned accuracy) for every chunk, in the order they finish."""
         import ray
-        self.pending = {self.task.remote(self.config, chunk, self.setup): chunk for chunk in chunks}
+        self.pending = {self.task.remote(self.config, chunk, self.load, self.setup): chunk for chunk in chunks}
         while self.pending:
             (ref,), _ = ray.wait(list(self.pending), num_returns=1)
             chunk = self.pending.pop(ref)
@@ -293,12 +295,13 @@ def split_lines(cells: list[tuple], parts: int) -> list[list[tuple]]:
     return [sum(lines[i::parts], []) for i in range(min(parts, len(lines)))]
 
 
-def open_pool(config, log=print):
-    """The context manager of the pool that computes `config`'s cells away from the driver: a
+def open_pool(config, load: Callable, log=print):
+    """The context manager of the pool that computes `config`'s cells away from the driver, each
+    worker holding load(config) (worker_load): a
     RayPool with `ray_address`, a LocalPool with more than one worker, else None (the driver
     computes them itself). `log` takes the pool's one-line news."""
     if config.ray_address:
-        return RayPool(config, config.ray_address, config.gpus_per_worker, worker_setup)
+        return RayPool(config, load, config.ray_address, config.gpus_per_worker, worker_setup)
     if config.workers > 1:
-        return LocalPool(config, config.workers, worker_setup, log)
+        return LocalPool(config, load, config.workers, worker_setup, log)
     return nullcontext()

@@ -50,7 +50,7 @@ class VGG(nn.Module):
 
     def segments(self) -> list:
         """The chain (module names, fn(model, x)) whose composition is forward: each `features`
-        module, then the classifier (see experiments/prefix.py)."""
+        module, then the classifier (see evaluator.py)."""
         segs = [((f"features.{i}",), _module_step(f"features.{i}")) for i in range(len(self.features))]
         segs.append((("classifier",), lambda m, x: m.classifier(torch.flatten(x, 1))))
         return segs
@@ -134,7 +134,7 @@ class ResNet(nn.Module):
 
     def segments(self) -> list:
         """The chain (module names, fn(model, x)) whose composition is forward: stem, each
-        residual block, head (see experiments/prefix.py)."""
+        residual block, head (see evaluator.py)."""
         segs = [(("conv1", "bn1"), lambda m, x: F.relu(m.bn1(m.conv1(x))))]
         for stage in ("layer1", "layer2", "layer3", "layer4"):
             segs += [((f"{stage}.{i}",), _module_step(f"{stage}.{i}"))

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..evaluation import Segment, first_changed_segment, model_segments, same_state  # noqa: F401 (re-exported)
-from ..repair import execution_order
+from .evaluation import first_changed_segment, model_segments, same_state
+from .repair import execution_order
 
 METRICS = ("accuracy", "cross_entropy")  # means over the images; "predictions" gives them each
 MIX_TOLERANCE = 1e-5  # relative residual ‖A·W − W'‖ / ‖W'‖ up to which a layer counts as a mix

@@ -1,4 +1,4 @@
-"""Data-major evaluation (experiments/prefix.py): accuracies equal to the full forward pass,
+"""Data-major evaluation (evaluator.py): accuracies equal to the full forward pass,
 the unpruned network run once per batch, reused first layers, bounded memory, and the grid's
 chunks."""
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 from helpers import NARROW_VGG11, TinyVGG, randomize_batchnorms, read_rows
 from intrafusion.importance import Scorer
 from intrafusion.models import VGG, build_model
-from intrafusion.experiments.prefix import (GridEvaluator, first_changed_segment, model_segments, own_storage,
+from intrafusion.evaluator import (GridEvaluator, first_changed_segment, model_segments, own_storage,
                                             share_unchanged)
 from intrafusion.groups import Pruner
 from intrafusion.repair import repair_pruned
