@@ -33,6 +33,29 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return count_correct(model, images, labels, batch_size) / max(len(labels), 1)
 
 
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """model(x) as a tensor of logits: (B, classes), or (B, L, vocab) for a language model. A
+    transformers model's output is a ModelOutput: its `.logits`, computed without a KV cache."""
+    if callable(getattr(model, "can_generate", None)):
+        return model(x, use_cache=False).logits
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def scored_pairs(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (predictions' logits (n, classes), targets (n,)) that a metric scores: the batch as it
+    is for a classifier (out (B, classes), y (B,)); for a language model (out (B, L, vocab), y the
+    token ids (B, L)) every position's logits against the next token."""
+    if out.dim() == 3:
+        return out[:, :-1].reshape(-1, out.shape[-1]), y[:, 1:].reshape(-1)
+    return out, y
+
+
+def scored_count(labels: torch.Tensor) -> int:
+    """How many predictions a metric averages over: images (N,), or next tokens of (N, L) windows."""
+    return labels[:, 1:].numel() if labels.dim() == 2 else len(labels)
+
+
 def run_hooked(model: nn.Module, layer_names, make_hook, inputs, forward=None) -> None:
     """Forward every input through `model` in eval mode with make_hook(name) hooked on each
     named layer, by forward(x) (default model(x)); hooks removed and the training flag restored

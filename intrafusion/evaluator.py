@@ -19,6 +19,7 @@ split run every variant's whole forward pass on each batch.
 """
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -26,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .evaluation import first_changed_segment, model_segments, same_state
+from .evaluation import first_changed_segment, logits, model_segments, same_state, scored_count, scored_pairs
 from .repair import execution_order
 
-METRICS = ("accuracy", "cross_entropy")  # means over the images; "predictions" gives them each
+METRICS = ("accuracy", "cross_entropy")  # means over the predictions; "predictions" gives them each
+DERIVED = {"perplexity": ("cross_entropy", math.exp)}  # language models: exp(mean token NLL)
 MIX_TOLERANCE = 1e-5  # relative residual ‖A·W − W'‖ / ‖W'‖ up to which a layer counts as a mix
 
 
@@ -155,8 +157,9 @@ def _replaced(model: nn.Module, name: str, module: nn.Module):
 
 
 def _score(out: torch.Tensor, y: torch.Tensor, metric: str):
-    """Of a batch's logits (B, classes): the number of correct predictions, the summed
-    cross-entropy, or the predictions (B,)."""
+    """Of a batch's logits (B, classes) or a language model's (B, L, vocab) (scored_pairs): the
+    number of correct predictions, the summed cross-entropy, or the predictions."""
+    out, y = scored_pairs(out, y)
     if metric == "accuracy":
         return int((out.argmax(1) == y).sum())
     if metric == "cross_entropy":
@@ -165,7 +168,7 @@ def _score(out: torch.Tensor, y: torch.Tensor, metric: str):
 
 
 def _total(parts: list, metric: str, count: int):
-    """The metric over the images from its batches' `_score`s: a mean, or all predictions (N,)."""
+    """The metric over the predictions from its batches' `_score`s: a mean, or all of them."""
     return torch.cat(parts) if metric == "predictions" else sum(parts) / max(count, 1)
 
 
@@ -178,8 +181,10 @@ def shard_slice(count: int, batch_size: int, index: int, shards: int) -> slice:
 
 
 class GridEvaluator:
-    """Accuracy (or mean cross-entropy) of pruned copies of `base` (a Pruner) on test tensors
-    (N, 3, H, W), (N,), in batches of `batch_size`.
+    """Accuracy (or mean cross-entropy) of pruned copies of `base` (a Pruner: anything holding
+    the network as `.model`) on test tensors (N, 3, H, W), (N,), in batches of `batch_size`; for a
+    language model the token windows (N, L) are both the inputs and the labels (next-token
+    accuracy, mean token NLL, and DERIVED's perplexity).
 
     fast=False evaluates every variant by itself with a full forward pass, and the unpruned
     network with a pass of its own (the naive path). `stats` counts, per pass, the batches, the
@@ -211,11 +216,14 @@ class GridEvaluator:
     def _chain_matches(self) -> bool:
         model = self.base.model.eval()
         x = self.images[:2].to(self.device)
-        return torch.equal(self._run(model, x, 0, len(self.segments)), model(x))
+        return torch.equal(self._run(model, x, 0, len(self.segments)), logits(model, x))
 
     def unpruned(self, metric: str = "accuracy") -> float:
-        """The unpruned network's metric ("accuracy" or "cross_entropy"): from the first
-        `evaluate` pass, or from a pass of its own if there was none (always on the naive path)."""
+        """The unpruned network's metric (METRICS or DERIVED): from the first `evaluate` pass, or
+        from a pass of its own if there was none (always on the naive path)."""
+        if metric in DERIVED:
+            source, fn = DERIVED[metric]
+            return fn(self.unpruned(source))
         if self._unpruned is None and self.fast:
             self.evaluate([])
         elif self._unpruned is None:
@@ -254,8 +262,11 @@ class GridEvaluator:
         """`metric` of every variant (pruned copies of base), in one pass over the batches:
         "accuracy" or "cross_entropy" (means over the images, floats) or "predictions" (N,);
         the unpruned network's metrics come from the same pass if not yet known."""
+        if metric in DERIVED:
+            source, fn = DERIVED[metric]
+            return [fn(v) for v in self.evaluate(variants, source)]
         if metric not in (*METRICS, "predictions"):
-            raise ValueError(f"metric must be one of {METRICS} or 'predictions', got {metric!r}")
+            raise ValueError(f"metric must be one of {(*METRICS, *DERIVED)} or 'predictions', got {metric!r}")
         models = [v.model.eval() for v in variants]
         if not self.fast:
             return [self._full(m, [metric])[0] for m in models]
@@ -269,10 +280,10 @@ class GridEvaluator:
         self.stats["full"] += 1
         parts = {m: [] for m in metrics}
         for x, y in self._batches():
-            out = model(x)
+            out = logits(model, x)
             for m in metrics:
                 parts[m].append(_score(out, y, m))
-        return [_total(parts[m], m, len(self.labels)) for m in metrics]
+        return [_total(parts[m], m, scored_count(self.labels)) for m in metrics]
 
     @torch.inference_mode()
     def _pass(self, models: list[nn.Module], routes: list[Route], metric: str) -> list:
@@ -287,13 +298,13 @@ class GridEvaluator:
                     lambda _m, _i, out, name=name: captured.__setitem__(name, out.clone()))
                 stack.callback(hook.remove)
             for x, y in self._batches():
-                inputs, logits = self._base_batch(x, routes)
-                if logits is not None:
+                inputs, base_out = self._base_batch(x, routes)
+                if base_out is not None:
                     for m in METRICS:
-                        base_totals[m] += _score(logits, y, m)
+                        base_totals[m] += _score(base_out, y, m)
                 for i, (model, route, replay) in enumerate(zip(models, routes, replays)):
                     if route.start is None:
-                        out = model(x)
+                        out = logits(model, x)
                     else:
                         if replay is not None:
                             replay.output = route.reuse(captured[route.reuse.name])
@@ -305,8 +316,8 @@ class GridEvaluator:
                 captured.clear()
         self._count(routes)
         if self._unpruned is None:
-            self._unpruned = {m: v / max(len(self.labels), 1) for m, v in base_totals.items()}
-        return [_total(p, metric, len(self.labels)) for p in parts]
+            self._unpruned = {m: v / max(scored_count(self.labels), 1) for m, v in base_totals.items()}
+        return [_total(p, metric, scored_count(self.labels)) for p in parts]
 
     def _base_batch(self, x: torch.Tensor, routes: list[Route]):
         """Run the unpruned network on batch x as far as the routes need (to the end while its own
@@ -315,7 +326,7 @@ class GridEvaluator:
         model = self.base.model.eval()
         self.stats["batches"] += 1
         if self.segments is None:
-            return {}, model(x) if self._unpruned is None else None
+            return {}, logits(model, x) if self._unpruned is None else None
         starts = {r.start for r in routes}
         stop = len(self.segments) if self._unpruned is None else max(
             [r.start + (r.reuse is not None) for r in routes], default=0)

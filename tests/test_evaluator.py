@@ -1,6 +1,9 @@
 """Data-major evaluation (evaluator.py): accuracies equal to the full forward pass,
 the unpruned network run once per batch, reused first layers, bounded memory, and the grid's
 chunks."""
+import copy
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -258,3 +261,33 @@ def test_grid_chunks_share_one_pass_that_gives_the_unpruned_accuracy(grid_env, t
     assert rows[0]["method"] == "none" and rows[0]["accuracy"] == naive.base_accuracy
     tight = GridRun(dataclasses.replace(config, cache_mb=0, out=tmp_path / "t.csv"), log=lambda _: None)
     assert tight.chunks(cells) == [cells[i:i + 2] for i in range(0, len(cells), 2)]
+
+
+def test_language_model_perplexity_is_exp_of_the_mean_next_token_nll():
+    """A transformers causal LM (its output a ModelOutput) on token windows (N, L): the unpruned
+    and a variant's perplexity equal exp of the mean cross-entropy of each position's logits
+    against the next token, computed by hand over all windows."""
+    transformers = pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=32)
+    base = transformers.LlamaForCausalLM(config).eval()
+    variant = copy.deepcopy(base)
+    with torch.no_grad():
+        variant.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    tokens = torch.randint(0, 50, (7, 12))
+    evaluator = GridEvaluator(SimpleNamespace(model=base), tokens, tokens, batch_size=3)
+
+    def by_hand(model):
+        with torch.no_grad():
+            out = model(tokens).logits
+        nll = torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 50), tokens[:, 1:].reshape(-1))
+        return math.exp(float(nll))
+
+    got = evaluator.evaluate([SimpleNamespace(model=variant)], "perplexity")[0]
+    assert got == pytest.approx(by_hand(variant), rel=1e-5)
+    assert evaluator.unpruned("perplexity") == pytest.approx(by_hand(base), rel=1e-5)
+    assert got != pytest.approx(evaluator.unpruned("perplexity"), rel=1e-6)
