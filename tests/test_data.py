@@ -106,3 +106,19 @@ def test_train_batches_cover_the_set_once(tmp_path):
     batches = list(train_batches(ds, 16, torch.Generator().manual_seed(0), augmented=False))
     assert [len(y) for _, y in batches] == [16, 16, 8]
     assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(ds.train_labels.tolist())
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_without_running_it(tmp_path):
+    """A pickle naming any global but numpy's array pieces is refused; its payload never runs."""
+    import pickle
+    folder = write_cifar(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (folder / "data_batch_2").write_bytes(pickle.dumps({b"data": Payload(), b"labels": [0]}))
+    with pytest.raises(IntraFusionError, match="corrupt dataset file .*data_batch_2.*refused global"):
+        load_dataset("cifar10", tmp_path, download=False)
+    assert not marker.exists()

@@ -157,11 +157,25 @@ def _load_cifar(name: str, root: Path, download: bool) -> Dataset:
                    CIFAR_MEAN, CIFAR_STD, spec["classes"])
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds only numpy arrays and plain containers: a CIFAR batch never needs
+    more, and refusing every other global means a crafted file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one CIFAR pickle batch -> uint8 images (N, 3, 32, 32), int64 labels (N,)."""
+    """Read one CIFAR pickle batch -> uint8 images (N, 3, 32, 32), int64 labels (N,), building
+    nothing but arrays and containers (_ArraysOnly)."""
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
+            entry = _ArraysOnly(f, encoding="bytes").load()
         data = np.asarray(entry[b"data"], dtype=np.uint8)
         labels = np.asarray(entry[label_key], dtype=np.int64)
         images = data.reshape(-1, 3, 32, 32)
