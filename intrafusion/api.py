@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from .allocation import allocate, one_budget, tensor_digest
+from .decoder import compress_lm, route
 from .errors import IntraFusionError
 from .folding import conv_bn_pairs, fold_all_batchnorms
 from .fusion import group_slots
 from .groups import FusionSettings, Pruner, count_macs_params, fuse_channels
 from .importance import DATA_CRITERIA, Scorer
-from .methods import Method, get_method
+from .methods import Method, default_method, get_method
 from .models import pruner_options
+from .reconstruct import reconstruct_pruned
 from .repair import RepairInputs, layer_statistics, reference_statistics, repair_pruned
 
 BnStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -127,26 +130,49 @@ def _layer_names(model: nn.Module, modules) -> list[str]:
     return [names[m] for m in modules]
 
 
-def budget_plan(base: Pruner, example_inputs: torch.Tensor, groups, budget: tuple[str, float],
-                allocation: str, method: Method, criterion, scorer: Scorer, fusion: FusionSettings,
-                batches, round_to=None, held_out=None, iterative=False, profile_cache=None,
-                reference: tuple[int, int] | None = None) -> dict[int, float]:
-    """{group index: sparsity} meeting `budget` (kind, value) with `allocation` (see
-    allocation.allocate); a sparsity with `uniform` is that sparsity in every group. Sensitivity
-    profiles are cached in `profile_cache` (a JSON file) under the digests of the folded network
-    and the calibration data, the method, criterion (a name) and fusion settings. reference: the
-    unpruned (MACs, params) the budget is a fraction of (allocation.calibrate)."""
-    kind, value = budget
-    if kind == "sparsity" and allocation == "uniform" and not round_to:
-        return sparsity_plan(base, groups, value)
-    statistics = reference_statistics(base.model, batches) if method.repair else None
-    inputs = RepairInputs(base.model, batches) if method.repair else None
+def variant_pruner(base: Pruner, method: Method, scorer: Scorer, fusion: FusionSettings, batches):
+    """prune(variant, plan): `method` applied to `variant` (a copy of `base`) at the {group:
+    sparsity} plan, with its repair or reconstruction on the calibration `batches` (the unpruned
+    network's statistics and activations measured once for all variants, at the first variant:
+    never where workers measure the profile): what the sensitivity profile measures, here or in a
+    worker process (experiments/compress.py)."""
+    inputs = RepairInputs(base.model, batches) if method.needs_data else None
+
+    @functools.cache
+    def statistics():
+        return reference_statistics(base.model, batches)
 
     def prune(variant: Pruner, plan: dict[int, float]) -> None:
         prune_plan(variant, plan, method, scorer, fusion)
         if method.repair:
-            repair_pruned(base, variant, inputs, statistics)
+            repair_pruned(base, variant, inputs, statistics())
+        if method.reconstruct:
+            reconstruct_pruned(base, variant, inputs)
+    return prune
 
+
+def folded_base(model: nn.Module, example_inputs: torch.Tensor, ignored=()) -> Pruner:
+    """The Pruner `compress` prunes copies of: `model` folded in place, with its architecture's
+    pruner options and the layers named in `ignored` keeping their widths."""
+    options = pruner_options(model)
+    fixed = [*options.pop("fixed_layers", ()), *ignored]
+    return Pruner(model, example_inputs, fixed_layers=fixed, **options)
+
+
+def budget_plan(base: Pruner, example_inputs: torch.Tensor, groups, budget: tuple[str, float],
+                allocation: str, method: Method, criterion, scorer: Scorer, fusion: FusionSettings,
+                batches, round_to=None, held_out=None, iterative=False, profile_cache=None,
+                reference: tuple[int, int] | None = None, profile_pool=None) -> dict[int, float]:
+    """{group index: sparsity} meeting `budget` (kind, value) with `allocation` (see
+    allocation.allocate); a sparsity with `uniform` is that sparsity in every group. Sensitivity
+    profiles are cached in `profile_cache` (a JSON file) under the digests of the folded network
+    and the calibration data, the method, criterion (a name) and fusion settings. reference: the
+    unpruned (MACs, params) the budget is a fraction of (allocation.calibrate). profile_pool: see
+    `compress`."""
+    kind, value = budget
+    if kind == "sparsity" and allocation == "uniform" and not round_to:
+        return sparsity_plan(base, groups, value)
+    prune = variant_pruner(base, method, scorer, fusion, batches)
     settings = None
     if profile_cache is not None and allocation == "sensitivity" and isinstance(criterion, str):
         settings = dict(model=tensor_digest(*base.model.state_dict().values()), method=method.name,
@@ -155,21 +181,23 @@ def budget_plan(base: Pruner, example_inputs: torch.Tensor, groups, budget: tupl
     indices = range(len(base.groups)) if groups is None else list(groups)
     return allocate(base, example_inputs, indices, kind, value, allocation, scorer=scorer, prune=prune,
                     held_out=held_out, iterative=iterative, round_to=round_to, cache=profile_cache,
-                    cache_settings=settings, reference=reference).plan
+                    cache_settings=settings, reference=reference, profile_pool=profile_pool).plan
 
 
 def compress(model: nn.Module, example_inputs: torch.Tensor, *, sparsity: float | None = None,
              macs: float | None = None, params: float | None = None, groups=None,
-             method: str = "intra_fusion", criterion="l1", calibration=None, ignored_layers=(),
+             method: str | None = None, criterion="l1", calibration=None, ignored_layers=(),
              allocation: str = "uniform", round_to: int | None = None, held_out=None,
-             iterative: bool = False, profile_cache=None, **fusion_options) -> nn.Module:
+             iterative: bool = False, profile_cache=None, profile_pool=None, **fusion_options) -> nn.Module:
     """A pruned copy of `model` (left untouched) with a `sparsity` fraction of the channels of
     each prunable group removed (and, for Intra-Fusion, fused into the kept ones).
 
     example_inputs: a batch the model accepts (e.g. (1, 3, 32, 32)), to trace it. groups: paper
-    indices (0 = last prunable group), None = every group. method: a name of methods.METHOD_NAMES.
+    indices (0 = last prunable group), None = every group. method: a name of methods.METHOD_NAMES;
+    None: methods.default_method, the best measured with or without calibration data.
     criterion: a name of importance.CRITERIA or a torch_pruning Importance. calibration: an
-    iterable of input tensors or (input, target) pairs (repair methods, taylor, chip).
+    iterable of input tensors or (input, target) pairs (repair and reconstruct methods, taylor,
+    chip).
     ignored_layers: modules whose out-channels keep their width (the classifier always does).
     fusion_options: FusionSettings fields. The result is in eval mode; see restore_batchnorms.
 
@@ -179,27 +207,39 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, *, sparsity: float 
     `sparsity`, global prunes that fraction of all channels ranked together). sensitivity needs
     held_out=(images, labels), labeled images not in `calibration` and never the test set;
     iterative=True re-measures after each step; profile_cache: a JSON file reusing profiles across
-    budgets. round_to: keep every pruned group's width a multiple of it, as torch-pruning does."""
+    budgets (and keeping the groups an interrupted profile measured); profile_pool: an open
+    experiments.parallel pool whose workers measure the profile's rungs, each holding this very
+    model, method and data (experiments/compress.py makes one). round_to: keep every pruned
+    group's width a multiple of it, as torch-pruning does.
+
+    A transformers causal LM (*ForCausalLM) is passed as it is, with token ids (B, L) as
+    example_inputs and calibration batches (tensors or dicts with input_ids), and comes back the
+    same class, smaller (decoder.py: MLP neurons and whole heads / KV groups; budgets are fractions
+    of the decoder blocks' MACs or parameters; uniform, global or sensitivity allocation, the last
+    with held_out= token windows (N, L) from text never used for calibration nor testing)."""
     budget = one_budget(sparsity=sparsity, macs=macs, params=params)
-    spec = get_method(method)
+    spec = get_method(method or default_method(calibration is not None))
     fusion = fusion_settings(fusion_options)
+    if route(model):
+        return compress_lm(model, example_inputs, budget, spec, criterion, calibration, groups, allocation,
+                           round_to, ignored_layers, fusion, held_out=held_out)
     batches = calibration_pairs(calibration)
-    if spec.repair and not batches:
-        raise IntraFusionError(f"method {method!r} needs calibration data: pass calibration=")
+    if spec.needs_data and not batches:
+        raise IntraFusionError(f"method {spec.name!r} needs calibration data: pass calibration=")
     scorer = make_scorer(criterion, batches)
     ignored = _layer_names(model, ignored_layers)
     model = copy.deepcopy(model).eval()
     reference = count_macs_params(model, example_inputs) if budget[0] != "sparsity" else None
     unpruned = batchnorm_statistics(model)
-    options = pruner_options(model)
-    fixed = [*options.pop("fixed_layers", ()), *ignored]
-    base = Pruner(model, example_inputs, fixed_layers=fixed, **options)
+    base = folded_base(model, example_inputs, ignored)
     plan = budget_plan(base, example_inputs, groups, budget, allocation, spec, criterion, scorer, fusion,
-                       batches, round_to, held_out, iterative, profile_cache, reference)
-    pruner = base.copy() if spec.repair else base
+                       batches, round_to, held_out, iterative, profile_cache, reference, profile_pool)
+    pruner = base.copy() if spec.needs_data else base
     prune_plan(pruner, plan, spec, scorer, fusion)
     if spec.repair:
         repair_pruned(base, pruner, batches)
+    if spec.reconstruct:
+        reconstruct_pruned(base, pruner, batches)
     restore_batchnorms(pruner, unpruned, batches)
     return pruner.model
 

@@ -39,6 +39,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     from .experiments.data import DATASET_NAMES
+    from .experiments.training import OPTIMIZERS
     from .models import MODEL_NAMES
     model = p.add_argument_group("model")
     model.add_argument("--model-name", default="vgg11_bn", choices=MODEL_NAMES)
@@ -46,12 +47,21 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES)
     data.add_argument("--data-dir", default="data")
     data.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    data.add_argument("--held-out", type=int, default=0,
+                      help="leave this many training images out and report accuracy on them "
+                           "instead of the test set (to choose hyper-parameters)")
     training = p.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=5)
     training.add_argument("--batch-size", type=int, default=128)
-    training.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
-    training.add_argument("--momentum", type=float, default=0.9)
-    training.add_argument("--weight-decay", type=float, default=5e-4)
+    training.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                          help="sgd: Nesterov SGD, one-cycle schedule; adamw: AdamW, linear "
+                               "warm-up then cosine decay to 0")
+    training.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the schedule")
+    training.add_argument("--warmup-epochs", type=float, default=0.0,
+                          help="length of AdamW's linear warm-up in epochs (may be fractional)")
+    training.add_argument("--momentum", type=float, default=0.9, help="SGD's momentum, AdamW's beta1")
+    training.add_argument("--weight-decay", type=float, default=5e-4,
+                          help="AdamW: on linear and convolution weights only")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
     output = p.add_argument_group("output")
@@ -67,12 +77,14 @@ def _train(args: argparse.Namespace) -> int:
     from .experiments.training import TrainSettings, new_model, train
     device = resolve_device(args.gpu_id)
     settings = TrainSettings(args.model_name, args.dataset, args.epochs, args.batch_size, args.lr,
-                             args.momentum, args.weight_decay, not args.no_augment, args.seed)
+                             args.momentum, args.weight_decay, not args.no_augment, args.seed,
+                             args.optimizer, args.warmup_epochs, args.held_out)
     dataset = load_dataset(args.dataset, args.data_dir)
     out = Path(args.out) if args.out else default_checkpoint(args.model_name, args.dataset)
     result = train(new_model(settings, dataset.num_classes), dataset, settings, out, device,
                    quiet=args.quiet or not sys.stderr.isatty())
-    print(f"saved {out}: test accuracy {result['test_accuracy']:.2f}%")
+    metric = "held_out_accuracy" if args.held_out else "test_accuracy"
+    print(f"saved {out}: {metric.replace('_', ' ')} {result[metric]:.2f}%")
     return 0
 
 
@@ -88,9 +100,11 @@ def _grid_arguments(p: argparse.ArgumentParser) -> None:
     from .methods import METHOD_NAMES
     from .transport import MARGINALS, TARGETS
     what = p.add_argument_group("what to prune")
-    what.add_argument("--model-name", default="vgg11_bn", help="model architecture (e.g. vgg11_bn, resnet18)")
+    what.add_argument("--model-name", default="vgg11_bn",
+                      help="model architecture (e.g. vgg11_bn, resnet18; llama_gqa: the language model)")
     what.add_argument("--checkpoint", default=None,
-                      help="default models/<model>.checkpoint (cifar10), models/<dataset>/<model>.checkpoint")
+                      help="default models/<model>.checkpoint (cifar10), models/<dataset>/<model>.checkpoint; "
+                           "a language model: the folder models/python-stdlib/<model>/")
     what.add_argument("--group_idxs", type=group_index, nargs="*", default=[1, 2, 3],
                       help="groups to prune, each on its own, counted from the output (0 = last "
                            "prunable group); 'all' prunes every group together")
@@ -110,10 +124,14 @@ def _grid_arguments(p: argparse.ArgumentParser) -> None:
                         help="fine-tune every pruned network this many epochs ('+ft' rows per epoch)")
     method.add_argument("--finetune-lr", type=float, default=0.01)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASET_NAMES)}")
+    data.add_argument("--dataset", default="cifar10",
+                      help=f"one of {', '.join(DATASET_NAMES)}; python-stdlib for a language model")
     data.add_argument("--data-dir", default="data")
+    data.add_argument("--corpus-root", default=None,
+                      help="python-stdlib: the folder of .py files (default this Python's standard library)")
     data.add_argument("--repair-batches", type=int, default=10,
-                      help="unlabeled training batches (of 128) for the *_repair methods")
+                      help="unlabeled training batches (of 128; a language model: of 4 windows) for the "
+                           "*_repair and *_reconstruct methods")
     output = p.add_argument_group("output")
     output.add_argument("--out", default=None, help="CSV path (default results/<model>_<dataset>_<criterion>.csv)")
     output.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
@@ -161,26 +179,52 @@ def _budget_arguments(p: argparse.ArgumentParser, many: bool, allocation: str):
     return budget
 
 
-def _grid(args: argparse.Namespace) -> int:
-    from .allocation import one_budget
-    from .experiments.grid import GridConfig, run_grid
+def _lm_grid(args: argparse.Namespace, device: torch.device, kind: str, budgets) -> dict:
+    """main.py for a language model (experiments/lm_grid.py): the flags it has."""
+    from .experiments.lm_grid import LMGridConfig, run_lm_grid
     from .groups import FusionSettings
-    device = resolve_device(args.gpu_id)
-    kind, budgets = one_budget(macs=args.macs, params=args.params) if args.macs or args.params else ("macs", ())
-    config = GridConfig(
-        model_name=args.model_name, dataset=args.dataset, data_dir=args.data_dir,
+    for flag, given in (("--finetune-epochs", args.finetune_epochs), ("--workers", args.workers > 1),
+                        ("--ray-address", args.ray_address), ("--gpus-per-worker", args.gpus_per_worker),
+                        ("--profile-cache", args.profile_cache)):
+        if given:
+            raise IntraFusionError(f"{flag} is not available for language models")
+    config = LMGridConfig(
+        model_name=args.model_name, dataset=args.dataset,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        corpus_root=Path(args.corpus_root) if args.corpus_root else None,
         group_idxs=tuple(args.group_idxs), sparsities=tuple(args.sparsities),
         criteria=tuple(args.importance_criteria), methods=tuple(args.methods),
         fusion=FusionSettings(args.target, args.source_prob, args.target_prob, args.p, args.fusion_rule),
-        device=str(device), out=Path(args.out) if args.out else None, resume=args.resume,
-        overwrite=args.overwrite, fast=not args.naive, cache_mb=args.cache_mb,
-        repair_batches=args.repair_batches, finetune_epochs=args.finetune_epochs,
-        finetune_lr=args.finetune_lr, budgets=tuple(budgets),
-        budget_kind=kind, allocations=tuple(args.allocation),
-        held_out=args.held_out, profile_cache=Path(args.profile_cache) if args.profile_cache else None,
-        workers=args.workers, ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker)
-    results = run_grid(config, progress=not args.quiet and sys.stderr.isatty())
+        device=str(device), repair_batches=args.repair_batches, budgets=tuple(budgets), budget_kind=kind,
+        allocations=tuple(args.allocation), held_out=args.held_out, out=Path(args.out) if args.out else None,
+        resume=args.resume, overwrite=args.overwrite, fast=not args.naive, cache_mb=args.cache_mb)
+    return run_lm_grid(config, progress=not args.quiet and sys.stderr.isatty())
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from .allocation import one_budget
+    from .experiments.grid import GridConfig, run_grid
+    from .experiments.lm_data import LANGUAGE_DATASETS, is_language_model
+    from .groups import FusionSettings
+    device = resolve_device(args.gpu_id)
+    kind, budgets = one_budget(macs=args.macs, params=args.params) if args.macs or args.params else ("macs", ())
+    if is_language_model(args.model_name) or args.dataset in LANGUAGE_DATASETS:
+        results = _lm_grid(args, device, kind, budgets)
+    else:
+        config = GridConfig(
+            model_name=args.model_name, dataset=args.dataset, data_dir=args.data_dir,
+            checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+            group_idxs=tuple(args.group_idxs), sparsities=tuple(args.sparsities),
+            criteria=tuple(args.importance_criteria), methods=tuple(args.methods),
+            fusion=FusionSettings(args.target, args.source_prob, args.target_prob, args.p, args.fusion_rule),
+            device=str(device), out=Path(args.out) if args.out else None, resume=args.resume,
+            overwrite=args.overwrite, fast=not args.naive, cache_mb=args.cache_mb,
+            repair_batches=args.repair_batches, finetune_epochs=args.finetune_epochs,
+            finetune_lr=args.finetune_lr, budgets=tuple(budgets),
+            budget_kind=kind, allocations=tuple(args.allocation),
+            held_out=args.held_out, profile_cache=Path(args.profile_cache) if args.profile_cache else None,
+            workers=args.workers, ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker)
+        results = run_grid(config, progress=not args.quiet and sys.stderr.isatty())
     if args.plot:
         from .experiments.plotting import plot_all
         for path in results:
@@ -209,7 +253,8 @@ def _compress_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to prune")
     what.add_argument("--model-name", required=True, help=f"one of {', '.join(MODEL_NAMES)}")
     what.add_argument("--checkpoint", default=None,
-                      help="default models/<model>.checkpoint (cifar10), models/<dataset>/<model>.checkpoint")
+                      help="default models/<model>.checkpoint (cifar10), models/<dataset>/<model>.checkpoint; "
+                           "a language model: the folder models/python-stdlib/<model>/")
     what.add_argument("--sparsity", type=float, default=None, help="fraction of each group's channels to prune")
     what.add_argument("--round-to", type=int, default=None, help="keep every group's width a multiple of this")
     budget = _budget_arguments(p, many=False, allocation="sensitivity")
@@ -221,16 +266,26 @@ def _compress_arguments(p: argparse.ArgumentParser) -> None:
     method.add_argument("--finetune-epochs", type=int, default=0)
     method.add_argument("--finetune-lr", type=float, default=0.01)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASET_NAMES)}")
+    data.add_argument("--dataset", required=True,
+                      help=f"one of {', '.join(DATASET_NAMES)}; python-stdlib for a language model")
     data.add_argument("--data-dir", default="data")
+    data.add_argument("--corpus-root", default=None,
+                      help="python-stdlib: the folder of .py files (default this Python's standard library)")
     data.add_argument("--calibration-batches", type=int, default=10,
-                      help="training batches of 128 for repair and the criteria that need data")
+                      help="training batches of 128 (a language model: of 4 windows) for repair, "
+                           "reconstruction and the criteria that need data")
     output = p.add_argument_group("output")
     output.add_argument("--out", required=True, help="the compressed model (its report: the same name, .json)")
     output.add_argument("--onnx", default=None, metavar="PATH",
                         help="also write the compressed model as an ONNX file (any batch size)")
     run = p.add_argument_group("where it runs")
     run.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
+    run.add_argument("--workers", type=int, default=1,
+                     help="measure the sensitivity profile in this many local processes, each with "
+                          "its share of the cores (a group's rungs at a time)")
+    run.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="measure its groups as Ray tasks on this cluster ('auto': the one started on "
+                          'this machine); needs pip install "intrafusion[ray]"')
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -244,18 +299,23 @@ def _compress(args: argparse.Namespace) -> int:
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, held_out=args.held_out,
         round_to=args.round_to, iterative=args.iterative,
         profile_cache=Path(args.profile_cache) if args.profile_cache else None, device=str(device),
-        onnx=Path(args.onnx) if args.onnx else None))
+        onnx=Path(args.onnx) if args.onnx else None, workers=args.workers, ray_address=args.ray_address,
+        corpus_root=Path(args.corpus_root) if args.corpus_root else None))
     return 0
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to evaluate")
-    what.add_argument("model", help="a compressed model written by `intrafusion compress`")
+    what.add_argument("model", help="a compressed model written by `intrafusion compress` (a language "
+                                    "model: its folder)")
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", required=True)
+    data.add_argument("--dataset", required=True, help="the model's dataset; python-stdlib for a language model")
     data.add_argument("--data-dir", default="data")
+    data.add_argument("--corpus-root", default=None,
+                      help="python-stdlib: the folder of .py files (default this Python's standard library)")
     output = p.add_argument_group("output")
-    output.add_argument("--json", action="store_true", help="one JSON object: accuracy, params, macs")
+    output.add_argument("--json", action="store_true",
+                        help="one JSON object: accuracy (a language model: perplexity), params, macs")
     run = p.add_argument_group("where it runs")
     run.add_argument("--gpu_id", type=int, default=-1, help="CUDA device index, -1 for the CPU")
 
@@ -263,9 +323,14 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
     from .experiments.compress import evaluate_saved
-    result = evaluate_saved(args.model, args.dataset, args.data_dir, str(resolve_device(args.gpu_id)))
+    result = evaluate_saved(args.model, args.dataset, args.data_dir, str(resolve_device(args.gpu_id)),
+                            Path(args.corpus_root) if args.corpus_root else None)
     if args.json:
         print(json.dumps(result))
+    elif "perplexity" in result:
+        print(f"{args.model}: test perplexity {result['perplexity']:.3f} ({result['tokens']:,} tokens), "
+              f"{result['params']:,} parameters ({result['block_params']:,} in the decoder blocks), "
+              f"{result['macs']:,} MACs per window of {result['window_tokens']} tokens")
     else:
         print(f"{args.model}: test accuracy {100 * result['accuracy']:.2f}%, "
               f"{result['params']:,} parameters, {result['macs']:,} MACs")
@@ -286,7 +351,8 @@ COMMANDS = {
     "train": Command("train a CIFAR-style model from scratch (= train.py)", _train_arguments, _train),
     "compress": Command("compress a checkpoint to a sparsity, MACs or parameter budget and save it",
                         _compress_arguments, _compress),
-    "evaluate": Command("test accuracy, parameters and MACs of a model saved by compress",
+    "evaluate": Command("test accuracy (a language model: perplexity), parameters and MACs of a model "
+                        "saved by compress",
                         _evaluate_arguments, _evaluate),
     "plot": Command("draw a results CSV into a PNG: accuracy against sparsity per group and method",
                     _plot_arguments, _plot),

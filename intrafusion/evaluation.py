@@ -10,9 +10,15 @@ from torch import nn
 
 Segment = tuple[tuple[str, ...], Callable[[nn.Module, torch.Tensor], torch.Tensor]]
 
+# Images per evaluation batch (accuracy, the data-major evaluator, the grid and the profile). The
+# CPU time per image is the same from 250 to 1,000 (VGG11-BN, ResNet18), but a batch's activations
+# are 4× smaller: ResNet18's largest is 65 MB instead of 262 MB, so fewer and smaller buffers
+# to map and zero, and a quarter of the peak memory of a forward pass.
+EVAL_BATCH = 250
+
 
 def count_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  batch_size: int = 1000) -> int:
+                  batch_size: int = EVAL_BATCH) -> int:
     """Number of images (N, 3, H, W) whose argmax prediction equals `labels` (N,)."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -28,7 +34,7 @@ def count_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 1000) -> float:
+             batch_size: int = EVAL_BATCH) -> float:
     """Fraction in [0, 1] of correctly classified images."""
     return count_correct(model, images, labels, batch_size) / max(len(labels), 1)
 
@@ -75,10 +81,14 @@ def run_hooked(model: nn.Module, layer_names, make_hook, inputs, forward=None) -
 
 
 def model_segments(model: nn.Module) -> list[Segment] | None:
-    """The chain of (module names, fn(model, x)) whose composition is model(x), as the model
-    supplies it through a `segments()` method; None for a model that does not (full forward)."""
+    """The chain of (module names, fn(model, x)) whose composition is model(x) (the logits), as
+    the model supplies it through a `segments()` method, or as models.decoders knows it for a
+    transformers decoder LM; None for any other model (full forward)."""
     segments = getattr(model, "segments", None)
-    return segments() if callable(segments) else None
+    if callable(segments):
+        return segments()
+    from .models.decoders import decoder_segments
+    return decoder_segments(model)
 
 
 def same_state(a: nn.Module, b: nn.Module) -> bool:

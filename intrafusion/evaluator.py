@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .evaluation import first_changed_segment, logits, model_segments, same_state, scored_count, scored_pairs
+from .evaluation import (EVAL_BATCH, first_changed_segment, logits, model_segments, same_state,
+                         scored_count, scored_pairs)
 from .repair import execution_order
 
 METRICS = ("accuracy", "cross_entropy")  # means over the predictions; "predictions" gives them each
@@ -191,7 +192,7 @@ class GridEvaluator:
     unpruned segments run, and the variants run whole, from a segment, and with a reused layer."""
 
     def __init__(self, base, images: torch.Tensor, labels: torch.Tensor, fast: bool = True,
-                 batch_size: int = 1000):
+                 batch_size: int = EVAL_BATCH):
         self.base, self.images, self.labels, self.fast = base, images, labels, fast
         self.batch_size = batch_size
         self.device = next(base.model.parameters()).device
@@ -254,7 +255,8 @@ class GridEvaluator:
                 continue
             a, b = base.get_submodule(name), model.get_submodule(name)
             if not same_state(a, b):
-                rows = _rows(self.base.channel_map.get(name), variant.channel_map.get(name))
+                rows = _rows(getattr(self.base, "channel_map", {}).get(name),
+                             getattr(variant, "channel_map", {}).get(name))
                 return Route(start, layer_map(name, a, b, rows))
         return Route(start)
 

@@ -13,7 +13,9 @@ conv/linear layers while that layer's parameters are pruned by index.
 from __future__ import annotations
 
 import copy
+import signal
 import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -124,9 +126,50 @@ def find_classifier(model: nn.Module, num_classes: int | None = None) -> nn.Modu
     return matching[-1]
 
 
+GROUPING_SECONDS = 120.0  # numbering takes seconds; a graph still walking after this never ends
+
+
+class _Expired(Exception):
+    """Raised by the SIGALRM handler of `deadline`."""
+
+
+@contextmanager
+def deadline(seconds: float, message: str):
+    """Raise IntraFusionError(message) when the block runs longer than `seconds` of wall time
+    (a SIGALRM timer, checked between Python bytecodes). Unbounded where no timer can be set: not
+    the main thread, no SIGALRM (Windows), or a timer already pending (it is left to fire)."""
+    if (not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread()
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+        yield
+        return
+
+    def expire(_signum, _frame):
+        raise _Expired
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _Expired:
+        raise IntraFusionError(message) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def number_groups(model: nn.Module, graph, classifier: nn.Module, fixed=()) -> list[GroupInfo]:
     """The model's prunable groups in paper order (see module docstring); groups that would
-    prune the out-channels of the classifier or of a `fixed` module are left out."""
+    prune the out-channels of the classifier or of a `fixed` module are left out. IntraFusionError
+    after GROUPING_SECONDS: torch-pruning's graph walk never ends on some structures (a rotary
+    embedding's rotate-half: decoder.py explains why)."""
+    message = (f"torch-pruning's dependency graph did not return the groups of {type(model).__name__} "
+               f"within {GROUPING_SECONDS:.0f} s (it never does on some structures, e.g. a rotary "
+               "embedding's rotate-half; see intrafusion/decoder.py)")
+    with deadline(GROUPING_SECONDS, message):
+        return _number_groups(model, graph, classifier, fixed)
+
+
+def _number_groups(model: nn.Module, graph, classifier: nn.Module, fixed=()) -> list[GroupInfo]:
     names = {m: n for n, m in model.named_modules()}
     groups, seen = [], set()
     layers = [m for m in model.modules() if isinstance(m, FUSABLE_LAYERS) and m is not classifier]

@@ -13,7 +13,8 @@ a dict of tensors, strings and numbers only:
 that the model it is given (or the built-in model the file names) has the same modules, gives
 every parameter and buffer the saved shape (creating those the pruned network gained, like the
 bias BN folding adds to a conv built with bias=False), sets the width attributes (in/out channels,
-groups, features, normalized_shape, ...) and loads the state dict strictly.
+groups, features, normalized_shape, ...) and loads the state dict strictly. A decoder language
+model's other width attributes and config then follow its weights (decoder.sync_widths).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .decoder import sync_widths
 from .errors import IntraFusionError
 from .models import MODEL_NAMES, build_model
 from .storage import atomic_write, first_non_finite, load_tensors
@@ -250,4 +252,5 @@ def load(path: Path | str, model: nn.Module | None = None) -> nn.Module:
         raise IntraFusionError(f"{path} does not fit the model: unexpected key {unexpected[0]!r} "
                                "in the file (different architecture?)")
     model.load_state_dict(state, strict=True)
+    sync_widths(model)
     return model

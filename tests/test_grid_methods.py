@@ -56,7 +56,11 @@ def test_method_descriptions():
                          "default_repair": ("default", "mean", True),
                          "intra_fusion_repair": ("intra_fusion", "mean", True),
                          "intra_fusion_varfix": ("intra_fusion", "varfix", False),
-                         "intra_fusion_varfix_repair": ("intra_fusion", "varfix", True)}
+                         "intra_fusion_varfix_repair": ("intra_fusion", "varfix", True),
+                         "default_reconstruct": ("default", "mean", False),
+                         "intra_fusion_reconstruct": ("intra_fusion", "mean", False)}
+    assert {n for n in METHOD_NAMES if get_method(n).reconstruct} == {"default_reconstruct",
+                                                                       "intra_fusion_reconstruct"}
 
 
 def test_unknown_method_and_group_are_one_line_errors(run, narrow_vgg, capsys):

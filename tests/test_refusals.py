@@ -82,7 +82,7 @@ def test_the_library_validates_the_grid_settings_itself():
     ("--epochs", "-1", "got --epochs -1"),
     ("--batch-size", "-5", "got --batch-size -5"),
     ("--lr", "-0.1", "got --lr -0.1"),
-    ("--momentum", "-0.5", "--momentum must lie in (0, 1) (Nesterov SGD), got -0.5"),
+    ("--momentum", "-0.5", "--momentum must lie in (0, 1) (SGD's momentum, AdamW's beta1), got -0.5"),
     ("--weight-decay", "-1", "--weight-decay must be >= 0, got -1.0"),
     ("--seed", "-1", "--seed must lie in [0, 2**63), got -1"),
     ("--gpu_id", "-3", "--gpu_id must be -1 (the CPU) or a CUDA device index, got -3"),

@@ -8,14 +8,15 @@ given fraction of the unpruned MACs, parameters or channels.
 from .budget import (BUDGETS, TOLERANCE, CostModel, calibrate, check_budget, group_widths, kept_of,
                      layer_costs, measure_cost_model, one_budget, plan_from_widths, plan_of,
                      prune_widths, snap, sparsity_of)
-from .profile import (LADDER, HeldOutLoss, Profile, cached_profile, measure_profile, profile_key,
-                      read_profile, tensor_digest, write_profile)
+from .profile import (LADDER, HeldOutLoss, Profile, cached_profile, measure_profile, measure_rungs,
+                      profile_key, profile_rungs, read_partial, read_profile, tensor_digest, write_profile)
 from .solve import (ALLOCATIONS, Allocation, allocate, global_ranking, iterative_solve, loss_curve,
                     normalized_scores, refill, solve, uniform)
 
 __all__ = ["BUDGETS", "TOLERANCE", "CostModel", "calibrate", "check_budget", "group_widths",
            "kept_of", "layer_costs", "measure_cost_model", "one_budget", "plan_from_widths",
            "plan_of", "prune_widths", "snap", "sparsity_of", "LADDER", "HeldOutLoss", "Profile",
-           "cached_profile", "measure_profile", "profile_key", "read_profile", "tensor_digest",
+           "cached_profile", "measure_profile", "measure_rungs", "profile_key", "profile_rungs",
+           "read_partial", "read_profile", "tensor_digest",
            "write_profile", "ALLOCATIONS", "Allocation", "allocate", "global_ranking",
            "iterative_solve", "loss_curve", "normalized_scores", "refill", "solve", "uniform"]

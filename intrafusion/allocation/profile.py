@@ -55,26 +55,60 @@ class HeldOutLoss:
         return self.losses([variant])[0]
 
 
-def measure_profile(base: Pruner, prune, loss: HeldOutLoss, groups, ladder=LADDER) -> Profile:
-    """{group: [(s, loss(s) − loss(unpruned))]}: each group pruned alone at each ladder sparsity
-    by prune(variant, group, sparsity) (the method, with its repair), rungs a group cannot take
-    (no channel, or no attention head, left: Pruner.check_prunable) skipped. The rungs of a
-    group are evaluated together, in one pass over the held-out images."""
-    profile: Profile = {}
+def profile_rungs(base: Pruner, groups, ladder=LADDER) -> list[list[tuple[int, float]]]:
+    """The rungs (group, sparsity) of the profile, one list per group in `groups`: its ladder
+    sparsities that leave it a channel (and an attention head: Pruner.check_prunable)."""
+    rungs = []
     for g in groups:
-        rungs, variants = [], []
-        with base.keeping_distances():
-            for s in ladder:
-                try:
-                    base.check_prunable(g, s)
-                except IntraFusionError:
-                    continue
-                variant = base.copy()
-                prune(variant, {g: s})
-                rungs.append(s)
-                variants.append(loss.hold(variant))
-        profile[g] = [(s, value - loss.unpruned) for s, value in zip(rungs, loss.losses(variants))]
-    return profile
+        taken = []
+        for s in ladder:
+            try:
+                base.check_prunable(g, s)
+            except IntraFusionError:
+                continue
+            taken.append((g, s))
+        rungs.append(taken)
+    return rungs
+
+
+def measure_rungs(base: Pruner, prune, loss: HeldOutLoss, rungs: list[tuple[int, float]]) -> list[float]:
+    """The loss increase (loss − unpruned loss) of each rung (group, sparsity): a copy of `base`
+    with the group pruned alone by prune(variant, {group: sparsity}) (the method, with its
+    repair). All are evaluated together, in one pass over the held-out images, and each group's
+    channel distances are measured once (Pruner.keeping_distances)."""
+    variants = []
+    with base.keeping_distances():
+        for g, s in rungs:
+            variant = base.copy()
+            prune(variant, {g: s})
+            variants.append(loss.hold(variant))
+    return [value - loss.unpruned for value in loss.losses(variants)]
+
+
+def measure_profile(base: Pruner, prune, loss: HeldOutLoss, groups, ladder=LADDER, known: Profile | None = None,
+                    record=None, pool=None) -> Profile:
+    """{group: [(s, loss(s) − loss(unpruned))]}, ladder order: each group pruned alone at each
+    ladder sparsity it can take (profile_rungs), a group's rungs measured together
+    (measure_rungs).
+
+    known: points measured before (an interrupted run's), not measured again; record(profile):
+    called with the points known so far (`known` and the new ones) after each group is measured,
+    so that the cache keeps them; pool: an open experiments.parallel pool whose workers measure
+    the groups' rungs (each with its own copy of the network, method and held-out images; its
+    results(chunks) yields each chunk of rungs with their increases as they finish), None: here."""
+    groups = list(groups)
+    measured = {g: dict(points) for g, points in (known or {}).items()}
+    rungs = profile_rungs(base, groups, ladder)
+    pending = [[(g, s) for g, s in line if s not in measured.get(g, {})] for line in rungs]
+    pending = [line for line in pending if line]
+    results = (pool.results(pending) if pool is not None else
+               ((line, measure_rungs(base, prune, loss, line), None) for line in pending))
+    for line, values, _ in results:
+        for (g, s), value in zip(line, values):
+            measured.setdefault(g, {})[s] = value
+        if record is not None:
+            record({g: list(points.items()) for g, points in measured.items()})
+    return {g: [(s, measured[g][s]) for _, s in line] for g, line in zip(groups, rungs)}
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
@@ -93,22 +127,42 @@ def profile_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_profile(path: Path | str | None, key: str) -> Profile | None:
-    """The cached profile of `key` in the JSON file `path`, or None."""
+def _entry(path: Path | str | None, key: str) -> dict | None:
+    """The cache entry of `key` in the JSON file `path` (a profile, or the part of one an
+    interrupted run measured), or None."""
     if path is None or not Path(path).is_file():
         return None
     try:
         entry = json.loads(Path(path).read_text()).get(key)
-    except (OSError, ValueError):
+        return entry if entry and isinstance(entry.get("profile"), dict) else None
+    except (OSError, ValueError, AttributeError):
         return None
-    if not entry:
-        return None
+
+
+def _points(entry: dict) -> Profile:
     return {int(g): [tuple(p) for p in pts] for g, pts in entry["profile"].items()}
 
 
+def read_profile(path: Path | str | None, key: str) -> Profile | None:
+    """The cached profile of `key` in the JSON file `path`, or None (also for the points of an
+    interrupted measurement: read_partial)."""
+    entry = _entry(path, key)
+    return _points(entry) if entry is not None and entry.get("complete", True) else None
+
+
+def read_partial(path: Path | str | None, key: str) -> tuple[Profile, float, float]:
+    """(points, wall seconds, CPU seconds) that an interrupted measurement of `key` left in the
+    cache `path`; ({}, 0, 0) when there are none."""
+    entry = _entry(path, key)
+    if entry is None or entry.get("complete", True):
+        return {}, 0.0, 0.0
+    return _points(entry), entry.get("seconds", 0.0), entry.get("cpu_seconds", 0.0)
+
+
 def write_profile(path: Path | str | None, key: str, settings: dict, profile: Profile, seconds: float,
-                  cpu_seconds: float = 0.0) -> None:
-    """Add (or replace) the profile of `key` in the JSON cache `path`, atomically."""
+                  cpu_seconds: float = 0.0, complete: bool = True) -> None:
+    """Add (or replace) the profile of `key` in the JSON cache `path`, atomically; with
+    `complete` False, the points measured so far, which read_partial gives back."""
     if path is None:
         return
     path = Path(path)
@@ -117,20 +171,31 @@ def write_profile(path: Path | str | None, key: str, settings: dict, profile: Pr
     except (OSError, ValueError):
         cache = {}
     cache[key] = {"settings": settings, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
-                  "profile": {str(g): [list(p) for p in pts] for g, pts in profile.items()}}
+                  "profile": {str(g): [list(p) for p in pts] for g, pts in profile.items()},
+                  **({} if complete else {"complete": False})}
     atomic_write(path, json.dumps(cache, indent=1, default=str).encode(), "rerun to measure it again")
 
 
 def cached_profile(cache: Path | str | None, settings: dict, measure) -> tuple[Profile, float, float]:
     """(profile, wall seconds, CPU seconds spent measuring): from the cache when it holds
-    `settings` (0, 0), else measure() and stored. CPU seconds (all threads of this process) are
-    what a shared machine cannot inflate by making the process wait."""
+    `settings` (0, 0), else measure(known, record) (measure_profile's arguments: the points an
+    interrupted run left in the cache, and a function storing the points known so far) and
+    stored. The seconds include the interrupted runs'. CPU seconds (all threads of this
+    process) are what a shared machine cannot inflate by making the process wait."""
     key = profile_key(settings)
     profile = read_profile(cache, key)
     if profile is not None:
         return profile, 0.0, 0.0
+    known, before, cpu_before = read_partial(cache, key)
     start, cpu = time.perf_counter(), time.process_time()
-    profile = measure()
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+
+    def spent() -> tuple[float, float]:
+        return before + time.perf_counter() - start, cpu_before + time.process_time() - cpu
+
+    def record(points: Profile) -> None:
+        write_profile(cache, key, settings, points, *spent(), complete=False)
+
+    profile = measure(known, record)
+    seconds, cpu = spent()
     write_profile(cache, key, settings, profile, seconds, cpu)
     return profile, seconds, cpu

@@ -213,14 +213,16 @@ def allocate(base: Pruner, example_input: torch.Tensor, groups, kind: str, budge
              allocation: str = "uniform", *, scorer: Scorer | None = None, prune=None,
              held_out=None, ladder=LADDER, iterative: bool = False, round_to: int | None = None,
              cache: Path | str | None = None, cache_settings: dict | None = None,
-             cost: CostModel | None = None, reference: tuple[int, int] | None = None) -> Allocation:
+             cost: CostModel | None = None, reference: tuple[int, int] | None = None,
+             profile_pool=None) -> Allocation:
     """Per-group sparsities of `groups` meeting a `kind` budget (BUDGETS) with `allocation`.
 
     scorer: the criterion (global ranks its normalized scores); prune(variant, plan): the method
     applied to a copy of `base`, repair included (sensitivity measures with it); held_out:
     (images, labels) training images never used for calibration (sensitivity); cache: a JSON
     file of profiles, keyed by `cache_settings` (what identifies the network, method and data);
-    cost: base's measure_cost_model, when already measured; reference: see `calibrate`.
+    cost: base's measure_cost_model, when already measured; reference: see `calibrate`;
+    profile_pool: where the profile's rungs are measured (profile.measure_profile's pool).
     A sparsity budget with `uniform` is exactly that sparsity in every group."""
     check_budget(kind, budget)
     if allocation not in ALLOCATIONS:
@@ -250,7 +252,8 @@ def allocate(base: Pruner, example_input: torch.Tensor, groups, kind: str, budge
                         "held_out": tensor_digest(*held_out)}
             result.profile, result.profile_seconds, result.profile_cpu_seconds = cached_profile(
                 cache if cache_settings else None, settings,
-                lambda: measure_profile(base, prune, loss, groups, ladder))
+                lambda known, record: measure_profile(base, prune, loss, groups, ladder, known, record,
+                                                      profile_pool))
             solver = lambda b: solve(model, result.profile, kind, b, round_to)  # noqa: E731
     kept = calibrate(base, model, example_input, kind, budget, solver, reference=reference)
     result.plan, result.predicted = plan_of(model, kept), model.fraction(kept, kind)

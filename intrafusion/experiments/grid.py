@@ -30,10 +30,11 @@ from ..importance import CRITERIA, DATA_CRITERIA, Scorer
 from ..methods import get_method
 from ..models import MODEL_NAMES, pruner_options
 from ..repair import RepairInputs, reference_statistics, repair_pruned
+from ..reconstruct import reconstruct_pruned
 from .checkpoints import default_checkpoint, ensure_unzipped, model_from_state, read_checkpoint
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .parallel import open_pool, split_lines
-from ..evaluator import GridEvaluator, own_storage, shard_slice, share_unchanged
+from ..evaluator import EVAL_BATCH, GridEvaluator, own_storage, shard_slice, share_unchanged
 from .report import FT, budget_table, finetune_table, summary_table
 from .results import CsvLog, cell_key, previous_rows
 from ..storage import check_writable, file_digest
@@ -54,7 +55,7 @@ class GridConfig:
     device: str = "cpu"
     calibration_batches: int = 5
     batch_size: int = 128
-    eval_batch_size: int = 1000  # test images per evaluation batch (and the unit of --workers' shards)
+    eval_batch_size: int = EVAL_BATCH  # test images per evaluation batch (and the unit of --workers' shards)
     out: Path | None = None
     fast: bool = True           # False: the naive path, every shortcut off (bench/grid_speed.py)
     cache_mb: float = 2048      # memory bound of the pruned variants evaluated together (chunks)
@@ -138,8 +139,8 @@ def validate(config: GridConfig) -> None:
                                ("eval_batch_size", config.eval_batch_size, 1),
                                ("calibration_batches", config.calibration_batches, 1))
     check_positive("--finetune-lr", config.finetune_lr)
-    if config.repair_batches < 1 and any(m.repair for m in methods):
-        raise IntraFusionError("--repair-batches must be at least 1 for the *_repair methods")
+    if config.repair_batches < 1 and any(m.needs_data for m in methods):
+        raise IntraFusionError("--repair-batches must be at least 1 for the *_repair and *_reconstruct methods")
     for b in config.budgets:
         check_budget(config.budget_kind, b)
     for a in config.allocations:
@@ -358,11 +359,14 @@ class GridRun:
         return self.dataset.normalize(self.dataset.train_images[index]).to(c.device), train[index].to(c.device)
 
     def apply(self, variant: Pruner, scorer: Scorer, method, plan: dict) -> None:
-        """Prune `variant` with `method` at the {group: sparsity} plan, then repair if it does."""
+        """Prune `variant` with `method` at the {group: sparsity} plan, then repair and/or
+        reconstruct if it does (on the repair batches)."""
         for g, sparsity in plan.items():
             variant.prune_group(g, sparsity, method.pruning, scorer, method.fusion(self.config.fusion))
         if method.repair:
             repair_pruned(self.base, variant, *self.repair_data())
+        if method.reconstruct:
+            reconstruct_pruned(self.base, variant, self.repair_data()[0])
 
     def budget_plan(self, scorer: Scorer, criterion: str, method, budget: float, allocation: str) -> dict:
         """The {group: sparsity} plan of `allocation` meeting the budget (profiles cached in

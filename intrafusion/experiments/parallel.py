@@ -1,12 +1,16 @@
-"""Grid cells computed in other processes: `--workers N` local processes, or Ray tasks on a cluster
-(`--ray-address`). A worker only computes, with its own copy of the data, checkpoint and traced
-graph: whole chunks of cells (GridRun.compute), or, for local workers and plain cells, the
-accuracies of variants the driver pruned on its shard of the test batches (LocalPool.evaluate).
-The driver records each chunk's rows as they arrive, so the CSV, resuming and the comparability
-checks are the serial run's, and a crash loses only the chunks in flight."""
+"""Grid cells, and the sensitivity profile's rungs of `compress`, computed in other processes:
+`--workers N` local processes, or Ray tasks on a cluster (`--ray-address`). A worker only
+computes, with its own copy of the data, checkpoint and traced graph, held by the object that
+load(config) builds (grid.load_run, compress.load_profile_run): whole chunks of cells
+(GridRun.compute) or of rungs (ProfileRun.compute: a group's rungs), or, for local workers and
+plain grid cells, the accuracies of variants the driver pruned on its shard of the test batches
+(LocalPool.evaluate). The driver records each chunk's results as they arrive (the grid's CSV, the
+profile cache), so resuming and the comparability checks are the serial run's, and a crash loses
+only the chunks in flight."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import itertools
 import logging
@@ -25,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..errors import IntraFusionError
+from ..errors import IntraFusionError, check_at_least
 from .allocator import release_large_buffers
 
 # Called with no argument in every worker process before it loads the grid; a picklable
@@ -131,8 +135,8 @@ class LocalPool:
     """`workers` spawned processes with cores/workers torch threads each (N workers use the cores
     one process would), started when the pool opens. When one dies (killed, out of memory), the
     pool is replaced and the unfinished tasks are sent again; after RETRIES broken pools in a row
-    with no task finished in between, the run stops with an IntraFusionError (the finished rows
-    are written: a rerun resumes)."""
+    with no task finished in between, the run stops with an IntraFusionError (what finished
+    is written: a rerun resumes)."""
 
     def __init__(self, config, load: Callable, workers: int, setup: Callable[[], None] | None, log=print):
         self.config, self.load, self.workers, self.setup, self.log = config, load, workers, setup, log
@@ -195,7 +199,7 @@ class LocalPool:
                 if broken == RETRIES:
                     raise IntraFusionError(
                         f"a worker process died {RETRIES} times in a row (killed, or out of memory?) "
-                        f"with {len(left)} tasks left; the finished rows are saved, rerun "
+                        f"with {len(left)} tasks left; what finished is saved, rerun "
                         "the same command to resume (with fewer --workers if memory is short)")
                 self.log(f"a worker process died (killed, or out of memory?); the {len(left)} "
                          "unfinished tasks go to new processes")
@@ -261,7 +265,7 @@ class RayPool:
             except ray.exceptions.RayError as exc:
                 raise IntraFusionError(
                     f"Ray could not compute {chunk[0][:3]} after {RETRIES} retries "
-                    f"({str(exc).splitlines()[0]}); the finished rows are saved, rerun the "
+                    f"({str(exc).splitlines()[0]}); what finished is saved, rerun the "
                     "same command to resume") from exc
             yield chunk, rows, base_accuracy
 
@@ -293,6 +297,23 @@ def split_lines(cells: list[tuple], parts: int) -> list[list[tuple]]:
     evenly over the workers."""
     lines = [list(line) for _, line in itertools.groupby(cells, key=lambda c: (*c[:3], *c[4:]))]
     return [sum(lines[i::parts], []) for i in range(min(parts, len(lines)))]
+
+
+def check_pool(config) -> None:
+    """IntraFusionError for pool settings of `config` (workers, ray_address, gpus_per_worker, as
+    --workers, --ray-address and --gpus-per-worker) that cannot work, before anything is loaded."""
+    check_at_least(("--workers", config.workers, 1), ("--gpus-per-worker", config.gpus_per_worker, 0))
+    if config.ray_address is None:
+        if config.gpus_per_worker:
+            raise IntraFusionError("--gpus-per-worker is for Ray tasks (with --ray-address); "
+                                   "local --workers compute on the --gpu_id device")
+    elif config.workers != 1:
+        raise IntraFusionError("--workers is for local processes; with --ray-address the cluster's "
+                               "free CPUs (and GPUs) decide how many tasks run at once")
+    elif not config.ray_address.strip():
+        raise IntraFusionError("--ray-address must be a Ray cluster address or 'auto'")
+    elif importlib.util.find_spec("ray") is None:
+        raise IntraFusionError('--ray-address needs Ray: pip install "intrafusion[ray]"')
 
 
 def open_pool(config, load: Callable, log=print):

@@ -21,6 +21,8 @@ CSV_COLUMNS = ["model", "dataset", "criterion", "group", "sparsity", "method", "
                "prune_seconds", "fusion_rule", "target", "source_prob", "target_prob", "p",
                "checkpoint_sha256", "macs", "epoch", "repair_batches", "finetune_epochs",
                "finetune_lr", "budget", "budget_kind", "allocation", "sparsities"]
+LM_CSV_COLUMNS = [("perplexity" if c == "accuracy" else c) for c in CSV_COLUMNS] + ["block_params",
+                                                                                   "block_macs"]
 COMPARABLE = ("model", "dataset", "checkpoint_sha256", "fusion_rule", "target", "source_prob",
               "target_prob", "p", "repair_batches", "finetune_epochs", "finetune_lr")
 
@@ -37,7 +39,8 @@ def optional_float(value):
 
 _TYPES = {"group": group_value, "sparsity": float, "budget": optional_float, "accuracy": float, "params": int,
           "prune_seconds": float, "p": float, "macs": int, "epoch": int,
-          "repair_batches": int, "finetune_epochs": int, "finetune_lr": float}
+          "repair_batches": int, "finetune_epochs": int, "finetune_lr": float,
+          "perplexity": float, "block_params": int, "block_macs": int}
 _RESUME_HINT = "rerun the same command to resume"
 
 
@@ -100,8 +103,9 @@ def _short(value) -> str:
 
 
 def previous_rows(path: Path | str, settings: dict, resume: bool | None = None,
-                  overwrite: bool = False) -> list[dict]:
-    """The rows of `path` that a run with `settings` (the COMPARABLE values) continues from.
+                  overwrite: bool = False, columns: list[str] = CSV_COLUMNS) -> list[dict]:
+    """The rows of `path` (a CSV of `columns`) that a run with `settings` (the COMPARABLE
+    values) continues from.
 
     [] when there is nothing to continue or `overwrite` is set. resume=None continues a CSV of
     this version's columns; resume=False refuses one that holds rows. Refuses, naming the first
@@ -112,10 +116,10 @@ def previous_rows(path: Path | str, settings: dict, resume: bool | None = None,
     records = _records(path)
     if not records:
         return []
-    if records[0] != CSV_COLUMNS:
+    if records[0] != columns:
         raise IntraFusionError(f"{path} exists but is not a results CSV of this version (other columns); "
                         "pass --overwrite to replace it or choose another --out")
-    rows = _typed(CSV_COLUMNS, records[1:], path)
+    rows = _typed(columns, records[1:], path)
     if rows and resume is False:
         raise IntraFusionError(f"{path} already holds {len(rows)} result rows; rerun with --resume to "
                         "continue it or --overwrite to replace it")
@@ -133,10 +137,11 @@ class CsvLog:
     """Appends rows to a results CSV, each as a single write that is fsynced at once, so a crash
     loses no finished row; a write that fails (disk full) is cut back off and raises IntraFusionError.
 
-    fresh=True starts the file over; otherwise a partial last line is removed before appending."""
+    fresh=True starts the file over; otherwise a partial last line is removed before appending.
+    columns: CSV_COLUMNS, or LM_CSV_COLUMNS for a language model's grid."""
 
-    def __init__(self, path: Path | str, fresh: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: Path | str, fresh: bool = False, columns: list[str] = CSV_COLUMNS):
+        self.path, self.columns = Path(path), columns
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if fresh else 0)
@@ -145,7 +150,7 @@ class CsvLog:
         except OSError as exc:
             raise write_failure(self.path, exc, _RESUME_HINT) from None
         if os.fstat(self.fd).st_size == 0:
-            self._append(_line(CSV_COLUMNS))
+            self._append(_line(columns))
 
     def _append(self, data: bytes) -> None:
         start = os.fstat(self.fd).st_size
@@ -162,7 +167,7 @@ class CsvLog:
             raise
 
     def write(self, row: dict) -> None:
-        self._append(_line([row.get(c, "") for c in CSV_COLUMNS]))
+        self._append(_line([row.get(c, "") for c in self.columns]))
 
     def close(self) -> None:
         os.close(self.fd)

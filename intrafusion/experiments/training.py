@@ -1,10 +1,14 @@
-"""Training from scratch with SGD + one-cycle schedule, resumable after every epoch.
+"""Training from scratch, resumable after every epoch: Nesterov SGD with a one-cycle schedule
+(`optimizer="sgd"`, the CNNs), or AdamW with a linear warm-up then a cosine decay to 0
+(`optimizer="adamw"`, the transformers: SGD leaves a small ViT undertrained).
 
 The resume state (model, optimizer, scheduler, RNG, finished epochs) is written atomically to
 `<checkpoint>.state` after each epoch (and every `save_every` steps), so an interrupted run
 continues where it stopped; the final checkpoint has the authors' format
 `{"model_state_dict", "test_accuracy", "epoch"}` plus `"settings"`. `test_accuracy` is a
-percentage, as in the authors' checkpoints.
+percentage, as in the authors' checkpoints. With `held_out` > 0 that many training images (a
+seeded draw) are left out of training and measured instead of the test set (`held_out_accuracy`),
+to choose hyper-parameters without looking at the test set.
 
 `finetune` fine-tunes a pruned (BN-folded) network to measure how fast it recovers: SGD with
 momentum 0.9 and weight decay 5e-4, a cosine schedule from `lr` to 0, the same augmentation, and
@@ -36,6 +40,9 @@ from ..models import build_model
 from ..storage import atomic_write, check_writable, load_tensors
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     model_name: str
@@ -47,18 +54,73 @@ class TrainSettings:
     weight_decay: float = 5e-4
     augment: bool = True
     seed: int = 0
+    optimizer: str = "sgd"       # one of OPTIMIZERS
+    warmup_epochs: float = 0.0   # AdamW's linear warm-up (SGD's one-cycle schedule has its own)
+    held_out: int = 0            # training images measured instead of the test set (0: none)
 
     def __post_init__(self):
-        """Refuse settings SGD cannot train with (named by their train.py flags)."""
+        """Refuse settings that cannot train (named by their train.py flags)."""
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--lr", self.lr)):
             if not (math.isfinite(value) and value > 0):
                 raise IntraFusionError(f"--epochs, --batch-size and --lr must be positive, got {flag} {value}")
         if not 0 < self.momentum < 1:
-            raise IntraFusionError(f"--momentum must lie in (0, 1) (Nesterov SGD), got {self.momentum}")
+            raise IntraFusionError(f"--momentum must lie in (0, 1) (SGD's momentum, AdamW's beta1), "
+                                   f"got {self.momentum}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise IntraFusionError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.seed < 2 ** 63:
             raise IntraFusionError(f"--seed must lie in [0, 2**63), got {self.seed}")
+        if self.optimizer not in OPTIMIZERS:
+            raise IntraFusionError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
+            raise IntraFusionError(f"--warmup-epochs must lie in [0, --epochs), got {self.warmup_epochs}")
+        if self.optimizer == "sgd" and self.warmup_epochs:
+            raise IntraFusionError("--warmup-epochs is for --optimizer adamw (SGD's one-cycle "
+                                   "schedule warms up by itself)")
+        if self.held_out < 0:
+            raise IntraFusionError(f"--held-out must be >= 0, got {self.held_out}")
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The learning rate at `step` (0-based, of `total`) as a fraction of the peak: a linear
+    warm-up to 1 over the first `warmup` steps, then a cosine decay that reaches 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings, steps_per_epoch: int):
+    """(optimizer, per-step scheduler) of `settings` for `model`: Nesterov SGD with a one-cycle
+    schedule, or AdamW (betas (momentum, 0.999); weight decay on the weights of linear and
+    convolution layers only, not on biases, norms, embeddings or the class token) with
+    warmup_cosine, its warm-up `warmup_epochs` epochs long."""
+    total = settings.epochs * steps_per_epoch
+    if settings.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                    weight_decay=settings.weight_decay, nesterov=True)
+        return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=total)
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if id(p) in decayed], "weight_decay": settings.weight_decay},
+         {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}],
+        lr=settings.lr, betas=(settings.momentum, 0.999))
+    warmup = round(settings.warmup_epochs * steps_per_epoch)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total))
+
+
+def split_held_out(dataset: Dataset, count: int, seed: int = 0) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
+    """(`dataset` without `count` training images of a seeded permutation, those images
+    normalized (count, 3, 32, 32), their labels (count,)); IntraFusionError if too many."""
+    n = len(dataset.train_labels)
+    if count >= n:
+        raise IntraFusionError(f"--held-out must be below the {n} training images, got {count}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:count], order[count:].sort().values
+    rest = dataclasses.replace(dataset, train_images=dataset.train_images[kept],
+                               train_labels=dataset.train_labels[kept])
+    return rest, dataset.normalize(dataset.train_images[held]), dataset.train_labels[held]
 
 
 def new_model(settings: TrainSettings, num_classes: int) -> nn.Module:
@@ -108,17 +170,20 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, checkpoin
           device: torch.device = torch.device("cpu"), save_every: int = 100,
           quiet: bool = False) -> dict:
     """Train `model` on `dataset`, resuming from `<checkpoint>.state` if present; return the
-    final checkpoint dict (also written to `checkpoint`)."""
+    final checkpoint dict (also written to `checkpoint`), its accuracy under "test_accuracy", or
+    "held_out_accuracy" when settings.held_out > 0."""
     checkpoint = Path(checkpoint)
     state_path = checkpoint.with_name(checkpoint.name + ".state")
     check_writable(checkpoint)
     torch.manual_seed(settings.seed)
     model.to(device, memory_format=torch.channels_last)  # ~15% faster convolutions on CPU
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay, nesterov=True)
+    if settings.held_out:
+        dataset, eval_x, eval_y = split_held_out(dataset, settings.held_out)
+    else:
+        eval_x, eval_y = dataset.test_tensors()
+    metric = "held_out_accuracy" if settings.held_out else "test_accuracy"
     steps_per_epoch = -(-len(dataset.train_labels) // settings.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=settings.lr, epochs=settings.epochs, steps_per_epoch=steps_per_epoch)
+    optimizer, scheduler = make_optimizer(model, settings, steps_per_epoch)
     generator = torch.Generator().manual_seed(settings.seed)
     epoch, step_in_epoch, history = 0, 0, []
     if state_path.is_file():
@@ -131,7 +196,6 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, checkpoin
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         epoch, step_in_epoch, history = state["epoch"], state["step"], state["history"]
-    test_x, test_y = dataset.test_tensors()
     loss_fn = nn.CrossEntropyLoss()
 
     def save_state(epoch_generator_state):
@@ -159,16 +223,16 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, checkpoin
             if save_every and step_in_epoch % save_every == 0 and step_in_epoch < steps_per_epoch:
                 save_state(epoch_state)
         bar.close()
-        acc = accuracy(model, test_x, test_y)
+        acc = accuracy(model, eval_x, eval_y)
         history.append({"epoch": epoch + 1, "loss": total_loss / max(seen, 1),
-                        "test_accuracy": 100 * acc, "seconds": time.time() - start})
+                        metric: 100 * acc, "seconds": time.time() - start})
         epoch, step_in_epoch = epoch + 1, 0
         save_state(generator.get_state())
         line = (f"epoch {epoch}/{settings.epochs}  loss {history[-1]['loss']:.4f}  "
-                f"test accuracy {100 * acc:.2f}%  {history[-1]['seconds']:.0f}s")
+                f"{metric.replace('_', ' ')} {100 * acc:.2f}%  {history[-1]['seconds']:.0f}s")
         tqdm.write(line) if not quiet else print(line, flush=True)
     model.to(memory_format=torch.contiguous_format)
-    result = {"model_state_dict": model.state_dict(), "test_accuracy": history[-1]["test_accuracy"],
+    result = {"model_state_dict": model.state_dict(), metric: history[-1][metric],
               "epoch": settings.epochs, "settings": dataclasses.asdict(settings),
               "history": history}
     atomic_save(result, checkpoint)

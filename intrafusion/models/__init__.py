@@ -7,6 +7,10 @@ ViT built from a small config, BERT for tests). Images are 3×32×32.
 The ResNet family comes in two checkpoint layouts: the authors' (every convolution has a bias,
 the default for new models) and the bias-free one of the shipped Fashion-MNIST checkpoints;
 `build_model(..., state=...)` builds the one that a state dict was saved from.
+
+Language models have a registry of their own (`build_language_model`, `LANGUAGE_MODEL_NAMES`):
+they map token ids to next-token logits, not images to classes. `llama_gqa` (lm.py) is the shipped
+`python-stdlib` model's architecture, at the shipped size unless told otherwise.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from .cifar import VGG, VGG_CONFIGS, BasicBlock, Bottleneck, ResNet
 from . import extra, hf
 from .extra import MLPMixerSmall, MobileNetV2Small
 from .hf import HFClassifier, bert_classifier, vit_tiny
+from .lm import llama_gqa
 from ..errors import IntraFusionError
 
 
@@ -54,11 +59,25 @@ def build_model(name: str, num_classes: int = 10, state: dict | None = None) -> 
     return _BUILDERS[name](num_classes)
 
 
+_LANGUAGE_BUILDERS: dict[str, Callable[..., nn.Module]] = {"llama_gqa": llama_gqa}
+LANGUAGE_MODEL_NAMES = tuple(_LANGUAGE_BUILDERS)
+
+
+def build_language_model(name: str, vocab_size: int, **sizes) -> nn.Module:
+    """A freshly initialised language model `name` (one of LANGUAGE_MODEL_NAMES) over
+    `vocab_size` tokens; `sizes`: its builder's other arguments (context, widths)."""
+    if name not in _LANGUAGE_BUILDERS:
+        raise IntraFusionError(f"unknown language model name {name!r}; choose one of "
+                               f"{', '.join(LANGUAGE_MODEL_NAMES)}")
+    return _LANGUAGE_BUILDERS[name](vocab_size, **sizes)
+
+
 def pruner_options(model: nn.Module) -> dict:
     """Keyword arguments for `Pruner(model, ...)`: the Mixer's (extra.pruner_options), a
     transformers model's (hf.pruner_options), empty for the other models."""
     return {**extra.pruner_options(model), **hf.pruner_options(model)}
 
 
-__all__ = ["MODEL_NAMES", "build_model", "pruner_options", "VGG", "ResNet", "MobileNetV2Small",
-           "MLPMixerSmall", "HFClassifier", "vit_tiny", "bert_classifier"]
+__all__ = ["MODEL_NAMES", "build_model", "LANGUAGE_MODEL_NAMES", "build_language_model", "pruner_options",
+           "VGG", "ResNet", "MobileNetV2Small", "MLPMixerSmall", "HFClassifier", "vit_tiny",
+           "bert_classifier", "llama_gqa"]
