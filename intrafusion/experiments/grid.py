@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import itertools
 import json
 import time
@@ -33,7 +32,7 @@ from ..repair import RepairInputs, reference_statistics, repair_pruned
 from ..reconstruct import reconstruct_pruned
 from .checkpoints import default_checkpoint, ensure_unzipped, model_from_state, read_checkpoint
 from .data import DATASET_NAMES, Dataset, load_dataset
-from .parallel import open_pool, split_lines
+from .parallel import check_pool, open_pool, split_lines
 from ..evaluator import EVAL_BATCH, GridEvaluator, own_storage, shard_slice, share_unchanged
 from .report import FT, budget_table, finetune_table, summary_table
 from .results import CsvLog, cell_key, previous_rows
@@ -147,18 +146,7 @@ def validate(config: GridConfig) -> None:
         _check_choice(a, ALLOCATIONS, "allocation")
     if config.budgets and "sensitivity" in config.allocations and not config.held_out >= 1:
         raise IntraFusionError(f"--held-out must be at least 1 for the sensitivity allocation, got {config.held_out}")
-    check_at_least(("--workers", config.workers, 1), ("--gpus-per-worker", config.gpus_per_worker, 0))
-    if config.ray_address is None:
-        if config.gpus_per_worker:
-            raise IntraFusionError("--gpus-per-worker is for Ray tasks (with --ray-address); "
-                                   "local --workers compute on the --gpu_id device")
-    elif config.workers != 1:
-        raise IntraFusionError("--workers is for local processes; with --ray-address the cluster's "
-                               "free CPUs (and GPUs) decide how many chunks run at once")
-    elif not config.ray_address.strip():
-        raise IntraFusionError("--ray-address must be a Ray cluster address or 'auto'")
-    elif importlib.util.find_spec("ray") is None:
-        raise IntraFusionError('--ray-address needs Ray: pip install "intrafusion[ray]"')
+    check_pool(config)
 
 
 def open_checkpoint(config: GridConfig) -> tuple[dict, str]:
