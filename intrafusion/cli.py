@@ -257,11 +257,12 @@ def _compress_arguments(p: argparse.ArgumentParser) -> None:
                            "a language model: the folder models/python-stdlib/<model>/")
     what.add_argument("--sparsity", type=float, default=None, help="fraction of each group's channels to prune")
     what.add_argument("--round-to", type=int, default=None, help="keep every group's width a multiple of this")
-    budget = _budget_arguments(p, many=False, allocation="sensitivity")
+    budget = _budget_arguments(p, many=False, allocation="uniform")
     budget.add_argument("--iterative", action="store_true",
                         help="sensitivity: re-measure every group on the current plan after each step (slow)")
     method = p.add_argument_group("method")
-    method.add_argument("--method", default="intra_fusion_repair", help=f"one of {', '.join(METHOD_NAMES)}")
+    method.add_argument("--method", default="default_reconstruct",
+                        help=f"one of {', '.join(METHOD_NAMES)} (default: the best measured, RESULTS.md)")
     method.add_argument("--criterion", default="l1", help=f"one of {', '.join(CRITERIA)}")
     method.add_argument("--finetune-epochs", type=int, default=0)
     method.add_argument("--finetune-lr", type=float, default=0.01)

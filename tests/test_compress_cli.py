@@ -36,7 +36,7 @@ def test_compress_meets_the_budget_and_evaluate_agrees(env, tmp_path, capsys):
     assert 0.48 <= small["macs"] / base["macs"] <= 0.5   # 16-channel groups: coarse steps
     assert small["params"] < base["params"] and 0 <= small["accuracy"] <= 1
     assert report["settings"]["macs"] == 0.5 and report["settings"]["allocation"] == "global"
-    assert report["settings"]["method"] == "intra_fusion_repair" and report["settings"]["calibration_batches"] == 1
+    assert report["settings"]["method"] == "default_reconstruct" and report["settings"]["calibration_batches"] == 1
     assert len(set(report["sparsities"].values())) > 1 and all(0 <= s < 1 for s in report["sparsities"].values())
     capsys.readouterr()
     data, _ = env
@@ -46,11 +46,12 @@ def test_compress_meets_the_budget_and_evaluate_agrees(env, tmp_path, capsys):
 
 
 def test_sensitivity_profile_is_measured_once_for_several_budgets(env, tmp_path):
-    assert compress(env, tmp_path, "--macs", "0.6", "--method", "intra_fusion") == 0
+    assert compress(env, tmp_path, "--macs", "0.6", "--method", "intra_fusion", "--allocation", "sensitivity") == 0
     first = json.loads((tmp_path / "small.json").read_text())
     cache = json.loads((tmp_path / "profiles.json").read_text())
     assert len(cache) == 1
-    assert compress(env, tmp_path, "--params", "0.4", "--method", "intra_fusion", out="smaller.pt") == 0
+    assert compress(env, tmp_path, "--params", "0.4", "--method", "intra_fusion", "--allocation", "sensitivity",
+                    out="smaller.pt") == 0
     second = json.loads((tmp_path / "smaller.json").read_text())
     assert json.loads((tmp_path / "profiles.json").read_text()) == cache   # reused, not remeasured
     assert 0.59 <= first["compressed"]["macs"] / first["base"]["macs"] <= 0.6

@@ -35,7 +35,8 @@ def compress(env, folder: Path, *flags, out="small.pt"):
     data, ckpt = env
     return package_main(["compress", "--model-name", "vgg11_bn", "--dataset", "cifar10", "--data-dir", str(data),
                          "--checkpoint", str(ckpt), "--calibration-batches", "1", "--held-out", "60",
-                         "--macs", "0.5", "--profile-cache", str(folder / "profiles.json"),
+                         "--macs", "0.5", "--allocation", "sensitivity", "--method", "intra_fusion_repair",
+                         "--profile-cache", str(folder / "profiles.json"),
                          "--out", str(folder / out), *flags])
 
 

@@ -55,9 +55,9 @@ class CompressConfig:
     sparsity: float | None = None
     macs: float | None = None
     params: float | None = None
-    method: str = "intra_fusion_repair"
+    method: str = "default_reconstruct"
     criterion: str = "l1"
-    allocation: str = "sensitivity"
+    allocation: str = "uniform"
     calibration_batches: int = 10
     batch_size: int = 128
     finetune_epochs: int = 0
