@@ -102,7 +102,7 @@ def validate(config: CompressConfig) -> None:
     else:
         check_budget(kind, value)
     method = get_method(config.method)
-    needs_data = [what for what, needed in ((f"method {method.name!r}", method.repair),
+    needs_data = [what for what, needed in ((f"method {method.name!r}", method.needs_data),
                                             (f"criterion {config.criterion!r}", config.criterion in DATA_CRITERIA))
                   if needed]
     if config.calibration_batches < 1 and needs_data:
