@@ -2,13 +2,18 @@
 
     nice -n 5 python bench/reconstruct.py [--models vgg11_bn resnet18] [--macs 0.5 0.25 0.1]
         [--methods intra_fusion_repair default_reconstruct intra_fusion_reconstruct]
+        [--allocations uniform sensitivity] [--record results/reconstruct.json] [--plot F.png]
     nice -n 5 python bench/reconstruct.py --tune [--ridges 1e-4 1e-3 1e-2 1e-1] [--positions 60000]
 
 Table (default): each shipped Fashion-MNIST checkpoint compressed by
-`intrafusion.compress(model, x, macs=m, allocation="uniform", method=..., criterion="l1",
-calibration=...)`, calibration the 10 unlabeled training batches of 128 of `intrafusion compress`
-(grid.calibration_batches, seed 1), no fine-tuning; accuracy on the whole test set, MACs kept
-(torch-pruning's counter), wall seconds of the compress call (rough: the cores are shared).
+`intrafusion.compress(model, x, macs=m, allocation=a, method=..., criterion="l1",
+calibration=..., held_out=...)`, calibration the 10 unlabeled training batches of 128 of
+`intrafusion compress` (grid.calibration_batches, seed 1), the sensitivity profile measured on its
+1,000 held-out training images (compress.held_out_set) and shared by the budgets of a method
+through a profile cache next to the record; no fine-tuning; accuracy on the whole test set, MACs
+kept (torch-pruning's counter), wall seconds of the compress call (rough: the cores are shared).
+Each row is kept in the --record JSON as it is measured, so the same command, run again, measures
+only what is missing; --plot draws the record as accuracy against MACs kept.
 
 --tune: the ridge λ/mean-diagonal ratio and the sampled positions per layer, chosen on 5,000
 held-out *training* images (grid.held_out_indices, disjoint from the calibration batches), never
@@ -18,6 +23,7 @@ every --macs) and prints the held-out accuracy.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,12 +35,14 @@ from intrafusion.api import budget_plan, make_scorer, prune_plan  # noqa: E402
 from intrafusion.evaluation import accuracy  # noqa: E402
 from intrafusion.experiments.allocator import release_large_buffers  # noqa: E402
 from intrafusion.experiments.checkpoints import model_from_state  # noqa: E402
+from intrafusion.experiments.compress import CompressConfig, held_out_set  # noqa: E402
 from intrafusion.experiments.data import load_dataset  # noqa: E402
 from intrafusion.experiments.grid import (GridConfig, calibration_batches, calibration_indices,  # noqa: E402
                                           held_out_indices, open_checkpoint)
 from intrafusion.groups import FusionSettings, Pruner, count_macs_params  # noqa: E402
 from intrafusion.methods import get_method  # noqa: E402
 from intrafusion.reconstruct import reconstruct_pruned  # noqa: E402
+from intrafusion.storage import atomic_write  # noqa: E402
 
 EVAL_BATCH = 250  # batches of 1000 spend more system time zeroing pages (shared/facts/cpu-time.md)
 
@@ -45,24 +53,87 @@ def load(name: str, dataset):
     return model_from_state(name, dataset.num_classes, state["model_state_dict"], grid.checkpoint_path()).eval()
 
 
+def row_key(row: dict) -> tuple:
+    return row["model"], row["macs_budget"], row["allocation"], row["method"]
+
+
+def read_record(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def keep(path: Path, rows: list[dict]) -> None:
+    atomic_write(path, json.dumps(rows, indent=1).encode(), "free disk space and run the same command again")
+
+
 def table(args, dataset, calibration) -> None:
     test_x, test_y = dataset.test_tensors()
-    print("| model | MACs budget | method | MACs kept | accuracy | seconds |")
-    print("|---|---|---|---|---|---|")
+    rows = read_record(args.record)
+    done = {row_key(row) for row in rows}
+    print("| model | MACs budget | allocation | method | MACs kept | accuracy | seconds |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.models:
         model = load(name, dataset)
         base_macs = count_macs_params(model, test_x[:1])[0]
-        print(f"| {name} | 1 | none | 100.0% | {100 * accuracy(model, test_x, test_y, EVAL_BATCH):.2f}% | |",
-              flush=True)
-        for macs in args.macs:
+        held_out = held_out_set(dataset, CompressConfig(model_name=name, dataset="fashion-mnist", out=Path()))
+        if (name, 1, "", "none") not in done:
+            rows.append({"model": name, "macs_budget": 1, "allocation": "", "method": "none", "macs_kept": 1.0,
+                         "accuracy": accuracy(model, test_x, test_y, EVAL_BATCH), "seconds": 0.0})
+            keep(args.record, rows)
+        unpruned = next(r for r in rows if row_key(r) == (name, 1, "", "none"))
+        print(f"| {name} | 1 | | none | 100.0% | {100 * unpruned['accuracy']:.2f}% | |", flush=True)
+        for allocation in args.allocations:
             for method in args.methods:
-                start = time.perf_counter()
-                small = intrafusion.compress(model, test_x[:1], macs=macs, allocation="uniform", method=method,
-                                             criterion="l1", calibration=calibration)
-                seconds = time.perf_counter() - start
-                kept = count_macs_params(small, test_x[:1])[0] / base_macs
-                print(f"| {name} | {macs} | {method} | {100 * kept:.1f}% | "
-                      f"{100 * accuracy(small, test_x, test_y, EVAL_BATCH):.2f}% | {seconds:.0f} |", flush=True)
+                for macs in args.macs:
+                    key = (name, macs, allocation, method)
+                    if key in done:
+                        row = next(r for r in rows if row_key(r) == key)
+                    else:
+                        start = time.perf_counter()
+                        small = intrafusion.compress(
+                            model, test_x[:1], macs=macs, allocation=allocation, method=method, criterion="l1",
+                            calibration=calibration, held_out=held_out,
+                            profile_cache=args.record.with_suffix(".profiles.json"))
+                        seconds = time.perf_counter() - start
+                        row = {"model": name, "macs_budget": macs, "allocation": allocation, "method": method,
+                               "macs_kept": count_macs_params(small, test_x[:1])[0] / base_macs,
+                               "accuracy": accuracy(small, test_x, test_y, EVAL_BATCH), "seconds": seconds}
+                        rows.append(row)
+                        keep(args.record, rows)
+                    print(f"| {name} | {macs} | {allocation} | {method} | {100 * row['macs_kept']:.1f}% | "
+                          f"{100 * row['accuracy']:.2f}% | {row['seconds']:.0f} |", flush=True)
+
+
+def plot(record: Path, out: Path) -> None:
+    """Accuracy against MACs kept, one panel per model: a colour per method, solid for the
+    uniform allocation, dashed for sensitivity; the unpruned accuracy as a grey line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_record(record)
+    unpruned = {r["model"]: 100 * r["accuracy"] for r in rows if r["method"] == "none"}
+    rows = [r for r in rows if r["method"] != "none"]
+    models = sorted({r["model"] for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        for method in methods:
+            for allocation, style in (("uniform", "-"), ("sensitivity", "--")):
+                points = sorted((r["macs_kept"], r["accuracy"]) for r in rows
+                                if (r["model"], r["method"], r["allocation"]) == (name, method, allocation))
+                if points:
+                    ax.plot([100 * m for m, _ in points], [100 * a for _, a in points], marker="o",
+                            linestyle=style, color=colours[method], label=f"{method}, {allocation}")
+        if name in unpruned:
+            ax.axhline(unpruned[name], color="grey", linewidth=0.8, label="unpruned")
+        ax.set(title=f"{name}, Fashion-MNIST test set", xlabel="MACs kept (%)", ylabel="accuracy (%)",
+               xscale="log")
+        ax.set_xticks([10, 25, 50, 100], ["10", "25", "50", "100"])
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
 
 
 def tune(args, dataset, calibration) -> None:
@@ -98,11 +169,17 @@ def main() -> None:
     p.add_argument("--macs", nargs="+", type=float, default=[0.5, 0.25, 0.1])
     p.add_argument("--methods", nargs="+",
                    default=["intra_fusion_repair", "default_reconstruct", "intra_fusion_reconstruct"])
+    p.add_argument("--allocations", nargs="+", default=["uniform"], choices=["uniform", "sensitivity"])
+    p.add_argument("--record", type=Path, default=Path("results/reconstruct.json"),
+                   help="rows measured so far (kept as they come; measured rows are not measured again)")
+    p.add_argument("--plot", type=Path, help="draw the record as accuracy against MACs kept to this file and stop")
     p.add_argument("--tune", action="store_true", help="choose ridge and positions on held-out training images")
     p.add_argument("--ridges", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2, 1e-1])
     p.add_argument("--positions", nargs="+", type=int, default=[60_000])
     p.add_argument("--data-dir", default="data")
     args = p.parse_args()
+    if args.plot:
+        return plot(args.record, args.plot)
     release_large_buffers()
     dataset = load_dataset("fashion-mnist", args.data_dir)
     calibration = [x for x, _ in calibration_batches(dataset, 10, 128, seed=1)]

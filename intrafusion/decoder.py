@@ -406,6 +406,20 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layer it measures has run."""
 
 
+def _run_hooked(model: nn.Module, batches, handles) -> None:
+    """Run `model` on each batch with the hooks `handles` in place (a hook may end a pass early
+    by raising _Stop), then remove them."""
+    try:
+        for batch in batches:
+            try:
+                _run(model, batch)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def activation_power(model: nn.Module, blocks: list[Block], batches: list[dict], stop: bool = False
                      ) -> dict[str, torch.Tensor]:
@@ -424,16 +438,7 @@ def activation_power(model: nn.Module, blocks: list[Block], batches: list[dict],
                 raise _Stop
         return record
 
-    handles = [_down(model, b).register_forward_pre_hook(hook(b.name)) for b in blocks]
-    try:
-        for batch in batches:
-            try:
-                _run(model, batch)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, batches, [_down(model, b).register_forward_pre_hook(hook(b.name)) for b in blocks])
     return {name: total / max(count, 1) for name, (count, total) in sums.items()}
 
 
@@ -479,15 +484,8 @@ def _block_tensors(model: nn.Module, block: Block, batch: dict) -> dict[str, tor
         got["block"] = out[0] if isinstance(out, tuple) else out
         raise _Stop
 
-    handles = [_down(model, block).register_forward_hook(at_down),
-               model.get_submodule(block.name).register_forward_hook(at_block)]
-    try:
-        _run(model, batch)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, [batch], [_down(model, block).register_forward_hook(at_down),
+                                 model.get_submodule(block.name).register_forward_hook(at_block)])
     return got
 
 

@@ -100,7 +100,9 @@ def measure_profile(base: Pruner, prune, loss: HeldOutLoss, groups, ladder=LADDE
     measured = {g: dict(points) for g, points in (known or {}).items()}
     rungs = profile_rungs(base, groups, ladder)
     pending = [[(g, s) for g, s in line if s not in measured.get(g, {})] for line in rungs]
-    pending = [line for line in pending if line]
+    # Earliest groups first (the highest paper index: the most layers after them to refit and
+    # evaluate), so that a pool's workers do not end waiting on one long group dealt out last.
+    pending = sorted((line for line in pending if line), key=lambda line: -line[0][0])
     results = (pool.results(pending) if pool is not None else
                ((line, measure_rungs(base, prune, loss, line), None) for line in pending))
     for line, values, _ in results:

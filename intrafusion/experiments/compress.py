@@ -34,7 +34,7 @@ from ..models import MODEL_NAMES
 from .allocator import reuse_freed_buffers
 from .checkpoints import model_from_state
 from .data import DATASET_NAMES, load_dataset
-from .lm_compress import evaluate_saved_lm, run_compress_lm
+from .lm_compress import evaluate_saved_lm, run_compress_lm, validate_lm
 from .lm_data import LANGUAGE_DATASETS, is_language_model
 from .grid import (GridConfig, calibration_batches, calibration_indices, held_out_indices,
                    open_checkpoint)
@@ -88,14 +88,9 @@ class CompressConfig:
         return self.allocation == "sensitivity" and not self.iterative
 
 
-def validate(config: CompressConfig) -> None:
-    """Reject settings that cannot work before anything is loaded or written."""
-    for value, choices, what in ((config.model_name, MODEL_NAMES, "model name"),
-                                 (config.dataset, DATASET_NAMES, "dataset"),
-                                 (config.criterion, CRITERIA, "criterion"),
-                                 (config.allocation, ALLOCATIONS, "allocation")):
-        if value not in choices:
-            raise IntraFusionError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+def check_budget_and_data(config: CompressConfig) -> None:
+    """Reject a budget out of range, and no calibration batches for a method or criterion that
+    needs them (shared by image models and language models)."""
     kind, value = config.budget()
     if kind == "sparsity" and config.allocation == "uniform":
         check_sparsity(value)
@@ -107,6 +102,17 @@ def validate(config: CompressConfig) -> None:
                   if needed]
     if config.calibration_batches < 1 and needs_data:
         raise IntraFusionError(f"{needs_data[0]} needs calibration data: --calibration-batches must be at least 1")
+
+
+def validate(config: CompressConfig) -> None:
+    """Reject settings that cannot work before anything is loaded or written."""
+    for value, choices, what in ((config.model_name, MODEL_NAMES, "model name"),
+                                 (config.dataset, DATASET_NAMES, "dataset"),
+                                 (config.criterion, CRITERIA, "criterion"),
+                                 (config.allocation, ALLOCATIONS, "allocation")):
+        if value not in choices:
+            raise IntraFusionError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+    check_budget_and_data(config)
     check_at_least(("--calibration-batches", config.calibration_batches, 0),
                                ("--finetune-epochs", config.finetune_epochs, 0),
                                ("--held-out", config.held_out, 1), ("--batch-size", config.batch_size, 1))
@@ -190,6 +196,8 @@ def run_compress(config: CompressConfig, log=print) -> dict:
     from ..api import compress
     from ..serialize import save
     if is_language_model(config.model_name) or config.dataset in LANGUAGE_DATASETS:
+        validate_lm(config)
+        check_budget_and_data(config)
         return run_compress_lm(config, log)
     validate(config)
     reuse_freed_buffers()

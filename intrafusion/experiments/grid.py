@@ -34,7 +34,7 @@ from .checkpoints import default_checkpoint, ensure_unzipped, model_from_state, 
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .parallel import check_pool, open_pool, split_lines
 from ..evaluator import EVAL_BATCH, GridEvaluator, own_storage, shard_slice, share_unchanged
-from .report import FT, budget_table, finetune_table, summary_table
+from .report import FT, result_tables
 from .results import CsvLog, cell_key, previous_rows
 from ..storage import check_writable, file_digest
 from .training import finetune
@@ -521,15 +521,8 @@ class GridRun:
             for criterion in self.paths:
                 self.run_criterion(criterion, bar)
         for criterion, path in self.paths.items():
-            rows = self.results[str(path)]
-            if any(not r.get("allocation") and r["method"] != "none" for r in rows):
-                self.log(summary_table([r for r in rows if not r.get("allocation")], criterion))
-            budgets = budget_table(rows, criterion)
-            if budgets is not None:
-                self.log(budgets)
-            recovery = finetune_table(self.results[str(path)], criterion)
-            if recovery is not None:
-                self.log(recovery)
+            for table in result_tables(self.results[str(path)], criterion):
+                self.log(table)
         for path in self.results:
             self.log(f"wrote {path}")
         return self.results

@@ -28,11 +28,8 @@ from . import corpus as corpus_lib
 from .lm_data import (CALIBRATION_WINDOWS, LANGUAGE_DATASETS, PerplexityEvaluator, calibration_windows,
                       check_pairing, held_out_windows, is_language_model, lm_costs, open_folder,
                       open_language_model, unit_widths)
-from ..allocation import check_budget
 from ..decoder import LM_ALLOCATIONS, LM_CRITERIA, sync_widths
 from ..errors import IntraFusionError, check_at_least
-from ..groups import check_sparsity
-from ..methods import get_method
 from ..serialize import save
 from ..storage import atomic_write, check_writable
 
@@ -41,23 +38,14 @@ _HINT = "rerun the compress command"
 
 def validate_lm(config) -> None:
     """Reject settings (a compress.CompressConfig) that cannot work for a language model before
-    anything is loaded or written."""
+    anything is loaded or written (the budget and the data a method needs: compress.check_budget_and_data)."""
     check_pairing(config.model_name, config.dataset)
     for value, choices, what in ((config.criterion, LM_CRITERIA, "criterion"),
                                  (config.allocation, LM_ALLOCATIONS, "allocation")):
         if value not in choices:
             raise IntraFusionError(f"{what} {value!r} is not available for language models; choose one "
                                    f"of {', '.join(choices)}")
-    kind, value = config.budget()
-    if kind == "sparsity" and config.allocation == "uniform":
-        check_sparsity(value)
-    else:
-        check_budget(kind, value)
-    method = get_method(config.method)
     check_at_least(("--calibration-batches", config.calibration_batches, 0), ("--held-out", config.held_out, 1))
-    if config.calibration_batches < 1 and (method.needs_data or config.criterion == "taylor"):
-        what = f"method {method.name!r}" if method.needs_data else "criterion 'taylor'"
-        raise IntraFusionError(f"{what} needs calibration data: --calibration-batches must be at least 1")
     unsupported = [flag for flag, given in (("--finetune-epochs", config.finetune_epochs), ("--onnx", config.onnx),
                                             ("--iterative", config.iterative), ("--workers", config.workers > 1),
                                             ("--ray-address", config.ray_address)) if given]
@@ -98,10 +86,10 @@ def _kept(compressed: dict, base: dict) -> dict:
 
 
 def run_compress_lm(config, log=print) -> dict:
-    """Compress the language model (config: a compress.CompressConfig), save it to the folder
-    config.out and its report beside it (.json); return the report."""
+    """Compress the language model (config: a compress.CompressConfig, checked by validate_lm and
+    compress.check_budget_and_data), save it to the folder config.out and its report beside it
+    (.json); return the report."""
     from ..api import compress
-    validate_lm(config)
     start = time.perf_counter()
     kind, value = config.budget()
     device = torch.device(config.device)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from . import corpus as corpus_lib
 from .lm_data import (EVAL_BATCH, PerplexityEvaluator, calibration_windows,
                       check_pairing, held_out_windows, lm_costs, open_language_model, unit_widths)
-from .report import PERPLEXITY, budget_table, summary_table
+from .report import PERPLEXITY, result_tables
 from .results import LM_CSV_COLUMNS, CsvLog, cell_key, previous_rows
 from ..allocation import check_budget
 from ..decoder import LM_ALLOCATIONS, LM_CRITERIA, DecoderPruner
@@ -275,12 +275,8 @@ class LMGridRun:
             for criterion in self.paths:
                 self.run_criterion(criterion, bar)
         for criterion, path in self.paths.items():
-            rows = self.results[str(path)]
-            if any(not r.get("allocation") and r["method"] != "none" for r in rows):
-                self.log(summary_table([r for r in rows if not r.get("allocation")], criterion, PERPLEXITY))
-            budgets = budget_table(rows, criterion, PERPLEXITY)
-            if budgets is not None:
-                self.log(budgets)
+            for table in result_tables(self.results[str(path)], criterion, PERPLEXITY):
+                self.log(table)
         for path in self.results:
             self.log(f"wrote {path}")
         return self.results

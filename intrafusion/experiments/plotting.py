@@ -31,7 +31,8 @@ WIDE_RANGE = 4.0  # perplexities spanning more than this factor are drawn on a l
 _LABELS = {"default": "default", "intra_fusion": "Intra-Fusion",
            "default_repair": "default + repair", "intra_fusion_repair": "Intra-Fusion + repair",
            "intra_fusion_varfix": "Intra-Fusion varfix",
-           "intra_fusion_varfix_repair": "Intra-Fusion varfix + repair"}
+           "intra_fusion_varfix_repair": "Intra-Fusion varfix + repair",
+           "default_reconstruct": "default + reconstruct", "intra_fusion_reconstruct": "Intra-Fusion + reconstruct"}
 
 
 def group_order(group) -> tuple:

@@ -153,3 +153,15 @@ def budget_table(rows: list[dict], criterion: str, metric: Metric = ACCURACY) ->
     kept = "block parameters / MACs kept" if len(costs) == 2 else "MACs kept"
     return _render(_title(rows, f"{criterion} budgets ({metric.column}, {kept})", metric),
                    ["budget", "allocation"] + methods, body, left=1)
+
+
+def result_tables(rows: list[dict], criterion: str, metric: Metric = ACCURACY) -> list[str]:
+    """The tables a finished grid prints for one criterion's rows: the per-group summary (if any
+    cell has no allocation), the budgets and the fine-tuning recovery (those that apply)."""
+    tables = []
+    if any(not r.get("allocation") and r["method"] != "none" for r in rows):
+        tables.append(summary_table([r for r in rows if not r.get("allocation")], criterion, metric))
+    tables.append(budget_table(rows, criterion, metric))
+    if metric is ACCURACY:
+        tables.append(finetune_table(rows, criterion))
+    return [t for t in tables if t is not None]
