@@ -104,8 +104,9 @@ def table(args, dataset, calibration) -> None:
 
 
 def plot(record: Path, out: Path) -> None:
-    """Accuracy against MACs kept, one panel per model: a colour per method, solid for the
-    uniform allocation, dashed for sensitivity; the unpruned accuracy as a grey line."""
+    """Accuracy against MACs kept, a column per model (the lower panel zoomed to within 3 pt of
+    the unpruned accuracy): a colour per method, solid for the uniform allocation, dashed for
+    sensitivity; the unpruned accuracy as a grey line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -115,24 +116,28 @@ def plot(record: Path, out: Path) -> None:
     models = sorted({r["model"] for r in rows})
     methods = sorted({r["method"] for r in rows})
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], models):
-        for method in methods:
-            for allocation, style in (("uniform", "-"), ("sensitivity", "--")):
-                points = sorted((r["macs_kept"], r["accuracy"]) for r in rows
-                                if (r["model"], r["method"], r["allocation"]) == (name, method, allocation))
-                if points:
-                    ax.plot([100 * m for m, _ in points], [100 * a for _, a in points], marker="o",
-                            linestyle=style, color=colours[method], label=f"{method}, {allocation}")
-        if name in unpruned:
-            ax.axhline(unpruned[name], color="grey", linewidth=0.8, label="unpruned")
-        ax.set(title=f"{name}, Fashion-MNIST test set", xlabel="MACs kept (%)", ylabel="accuracy (%)",
-               xscale="log")
-        ax.set_xticks([10, 25, 50, 100], ["10", "25", "50", "100"])
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
+    for column, name in enumerate(models):
+        for row, ax in enumerate(axes[:, column]):
+            for method in methods:
+                for allocation, style in (("uniform", "-"), ("sensitivity", "--")):
+                    points = sorted((r["macs_kept"], r["accuracy"]) for r in rows
+                                    if (r["model"], r["method"], r["allocation"]) == (name, method, allocation))
+                    if points:
+                        ax.plot([100 * m for m, _ in points], [100 * a for _, a in points], marker="o",
+                                linestyle=style, color=colours[method], label=f"{method}, {allocation}")
+            if name in unpruned:
+                ax.axhline(unpruned[name], color="grey", linewidth=0.8, label="unpruned")
+                if row == 1:
+                    ax.set_ylim(unpruned[name] - 3, unpruned[name] + 0.5)
+            ax.set(title=f"{name}, Fashion-MNIST test set" + (" (zoomed)" if row else ""),
+                   xlabel="MACs kept (%)", ylabel="accuracy (%)", xscale="log", xlim=(8, 60))
+            ax.minorticks_off()
+            ax.set_xticks([10, 25, 50], ["10", "25", "50"])
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 
 
