@@ -65,42 +65,40 @@ def keep(path: Path, rows: list[dict]) -> None:
     atomic_write(path, json.dumps(rows, indent=1).encode(), "free disk space and run the same command again")
 
 
+def compressed_row(model, base_macs, test_x, test_y, macs, allocation, method, calibration, held_out,
+                   cache: Path) -> dict:
+    """macs_kept, accuracy and seconds of one `intrafusion.compress` call."""
+    start = time.perf_counter()
+    small = intrafusion.compress(model, test_x[:1], macs=macs, allocation=allocation, method=method,
+                                 criterion="l1", calibration=calibration, held_out=held_out, profile_cache=cache)
+    seconds = time.perf_counter() - start
+    return {"macs_kept": count_macs_params(small, test_x[:1])[0] / base_macs,
+            "accuracy": accuracy(small, test_x, test_y, EVAL_BATCH), "seconds": seconds}
+
+
 def table(args, dataset, calibration) -> None:
     test_x, test_y = dataset.test_tensors()
-    rows = read_record(args.record)
-    done = {row_key(row) for row in rows}
+    measured = {row_key(row): row for row in read_record(args.record)}
     print("| model | MACs budget | allocation | method | MACs kept | accuracy | seconds |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
         model = load(name, dataset)
         base_macs = count_macs_params(model, test_x[:1])[0]
         held_out = held_out_set(dataset, CompressConfig(model_name=name, dataset="fashion-mnist", out=Path()))
-        if (name, 1, "", "none") not in done:
-            rows.append({"model": name, "macs_budget": 1, "allocation": "", "method": "none", "macs_kept": 1.0,
-                         "accuracy": accuracy(model, test_x, test_y, EVAL_BATCH), "seconds": 0.0})
-            keep(args.record, rows)
-        unpruned = next(r for r in rows if row_key(r) == (name, 1, "", "none"))
-        print(f"| {name} | 1 | | none | 100.0% | {100 * unpruned['accuracy']:.2f}% | |", flush=True)
-        for allocation in args.allocations:
-            for method in args.methods:
-                for macs in args.macs:
-                    key = (name, macs, allocation, method)
-                    if key in done:
-                        row = next(r for r in rows if row_key(r) == key)
-                    else:
-                        start = time.perf_counter()
-                        small = intrafusion.compress(
-                            model, test_x[:1], macs=macs, allocation=allocation, method=method, criterion="l1",
-                            calibration=calibration, held_out=held_out,
-                            profile_cache=args.record.with_suffix(".profiles.json"))
-                        seconds = time.perf_counter() - start
-                        row = {"model": name, "macs_budget": macs, "allocation": allocation, "method": method,
-                               "macs_kept": count_macs_params(small, test_x[:1])[0] / base_macs,
-                               "accuracy": accuracy(small, test_x, test_y, EVAL_BATCH), "seconds": seconds}
-                        rows.append(row)
-                        keep(args.record, rows)
-                    print(f"| {name} | {macs} | {allocation} | {method} | {100 * row['macs_kept']:.1f}% | "
-                          f"{100 * row['accuracy']:.2f}% | {row['seconds']:.0f} |", flush=True)
+        cells = [(1, "", "none")] + [(m, a, method) for a in args.allocations for method in args.methods
+                                     for m in args.macs]
+        for macs, allocation, method in cells:
+            key = (name, macs, allocation, method)
+            if key not in measured:
+                measured[key] = dict(zip(("model", "macs_budget", "allocation", "method"), key), **(
+                    {"macs_kept": 1.0, "accuracy": accuracy(model, test_x, test_y, EVAL_BATCH), "seconds": 0.0}
+                    if method == "none" else
+                    compressed_row(model, base_macs, test_x, test_y, macs, allocation, method, calibration,
+                                   held_out, args.record.with_suffix(".profiles.json"))))
+                keep(args.record, list(measured.values()))
+            row = measured[key]
+            print(f"| {name} | {macs} | {allocation} | {method} | {100 * row['macs_kept']:.1f}% | "
+                  f"{100 * row['accuracy']:.2f}% | {row['seconds']:.0f} |", flush=True)
 
 
 def plot(record: Path, out: Path) -> None:

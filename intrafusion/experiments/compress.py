@@ -105,7 +105,12 @@ def check_budget_and_data(config: CompressConfig) -> None:
 
 
 def validate(config: CompressConfig) -> None:
-    """Reject settings that cannot work before anything is loaded or written."""
+    """Reject settings that cannot work before anything is loaded or written (a language model's
+    through lm_compress.validate_lm)."""
+    if is_language_model(config.model_name) or config.dataset in LANGUAGE_DATASETS:
+        validate_lm(config)
+        check_budget_and_data(config)
+        return
     for value, choices, what in ((config.model_name, MODEL_NAMES, "model name"),
                                  (config.dataset, DATASET_NAMES, "dataset"),
                                  (config.criterion, CRITERIA, "criterion"),
@@ -195,11 +200,9 @@ def run_compress(config: CompressConfig, log=print) -> dict:
     This process's allocator keeps freed buffers for reuse (allocator.reuse_freed_buffers)."""
     from ..api import compress
     from ..serialize import save
-    if is_language_model(config.model_name) or config.dataset in LANGUAGE_DATASETS:
-        validate_lm(config)
-        check_budget_and_data(config)
-        return run_compress_lm(config, log)
     validate(config)
+    if is_language_model(config.model_name) or config.dataset in LANGUAGE_DATASETS:
+        return run_compress_lm(config, log)
     reuse_freed_buffers()
     start = time.perf_counter()
     kind, value = config.budget()

@@ -86,9 +86,9 @@ def _kept(compressed: dict, base: dict) -> dict:
 
 
 def run_compress_lm(config, log=print) -> dict:
-    """Compress the language model (config: a compress.CompressConfig, checked by validate_lm and
-    compress.check_budget_and_data), save it to the folder config.out and its report beside it
-    (.json); return the report."""
+    """Compress the language model (config: a compress.CompressConfig, checked by
+    compress.validate), save it to the folder config.out and its report beside it (.json); return
+    the report."""
     from ..api import compress
     start = time.perf_counter()
     kind, value = config.budget()
